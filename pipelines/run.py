@@ -1,0 +1,62 @@
+"""The one entry point: `python pipelines/run.py stage=NAME [overrides]`.
+
+Each stage is one function in the project's packages, imported only when chosen so that `stage=describe` does not
+pay for DeepSpeed and `stage=metrics` does not build a DiT.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
+    sys.path.insert(0, str(ROOT))
+
+# stage name -> ("module:function", one line of help). Every function takes the resolved config.
+STAGES: dict[str, tuple[str, str]] = {
+    "tokenizer": ("stage1_tokenizer.train:main", "train a tokenizer (ε-VAE, DGAE or VAE baseline; tokenizer=...)"),
+    "reconstruct": ("stage1_tokenizer.reconstruct:main", "reconstruct a split: rFID, PSNR, SSIM, LPIPS, decode img/s"),
+    "cache": ("stage2_ldm.cache:main", "encode a data set into sharded latents + channel statistics"),
+    "ldm": ("stage2_ldm.train:main", "train the class-conditional DiT on cached latents"),
+    "sample": ("stage2_ldm.sample:main", "sample class-conditionally and decode through the tokenizer"),
+    "evaluate": ("shared.metrics.evaluate:main", "gFID (and optional sFID, precision/recall) of samples"),
+    "metrics": ("shared.metrics.compare:main", "FID / PSNR / SSIM / LPIPS between two folders: real=DIR fake=DIR"),
+    "describe": ("pipelines.describe:main", "parameter counts of tokenizer=NAME or ldm=NAME as one JSON line"),
+    "shards": ("shared.data.shards:main", "write webdataset shards from an image folder"),
+    "pipeline": ("pipelines.pipeline:main", "the main job: tokenizer -> cache -> ldm -> sample -> evaluate + report"),
+    "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
+}
+
+
+def stages_help() -> str:
+    width = max(map(len, STAGES))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in STAGES.items()]
+    return (
+        "Choose a stage: python pipelines/run.py stage=NAME [key=value ...], with NAME one of\n"
+        + "\n".join(lines)
+        + "\nPresets: experiment=smoke (embedded data, minutes on a CPU), experiment=imagenette_mini, "
+        "experiment=imagenet256_*. See README.md."
+    )
+
+
+def resolve_stage(cfg: DictConfig):
+    """The function of the chosen stage, or SystemExit with the list of stages."""
+    stage = None if OmegaConf.is_missing(cfg, "stage") else cfg.stage
+    if stage not in STAGES:
+        problem = "No stage given." if stage is None else f"Unknown stage {stage!r}."
+        raise SystemExit(f"{problem}\n{stages_help()}")
+    module_name, function_name = STAGES[stage][0].split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig):
+    return resolve_stage(cfg)(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Network blocks shared by the stage-1 decoders and the stage-2 DiT."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) times t (B,) -> (B, dim), as in the Transformer / ADM.
+
+    Flow times in [0, 1] are multiplied by 1000 by the callers so that they span the same frequencies as
+    DDPM's integer steps.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None]
+    embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, dim): sinusoidal features followed by a two-layer MLP."""
+
+    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(t * self.time_scale, self.frequency_dim)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (B, N, D) by per-sample shift/scale (B, D)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so that a residual branch starts as the identity (ADM, DiT's adaLN-Zero)."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (B, N, D) through scaled_dot_product_attention (flash/memory-efficient
+    kernels on CUDA)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
