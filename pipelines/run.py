@@ -55,7 +55,13 @@ def resolve_stage(cfg: DictConfig):
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
-    return resolve_stage(cfg)(cfg)
+    stage = resolve_stage(cfg)
+    from shared.errors import UserError
+
+    try:
+        return stage(cfg)
+    except UserError as error:
+        raise SystemExit(f"error ({type(error).__name__}): {error}") from None
 
 
 if __name__ == "__main__":
