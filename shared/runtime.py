@@ -203,7 +203,7 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     if rank == 0:
         if run_dir is None:
             stage_dir = Path(cfg.output_root) / cfg.stage
-            run_dir = (find_resumable_run(stage_dir, cfg) if resume else None) or stage_dir / cfg.name
+            run_dir = (find_resumable_run(stage_dir, cfg) if resume else None) or stage_dir / str(cfg.name)
         run_dir = Path(run_dir)
         _check_writable(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -1,0 +1,1 @@
+"""The one training loop both stages use, with its checkpoints and EMA."""

@@ -1,0 +1,34 @@
+"""Small pieces several test files use."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(overrides: list[str], output_root: Path | None = None) -> DictConfig:
+    """The config `pipelines/run.py` would see for these overrides."""
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.wandb.mode = "disabled"
+        cfg.progress = False
+        if output_root is not None:
+            cfg.output_root = str(output_root)
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True):
+    """Run `python pipelines/run.py ARGS` in a subprocess and return the CompletedProcess."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "pipelines" / "run.py"), *args], cwd=cwd or REPO, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
