@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
+# `${repo_root:}` in configs: paths that work from any working directory (e.g. ../shared beside the checkout).
+if not OmegaConf.has_resolver("repo_root"):
+    OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
 
 # stage name -> ("module:function", one line of help). Every function takes the resolved config.
 STAGES: dict[str, tuple[str, str]] = {

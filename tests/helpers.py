@@ -9,6 +9,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import pipelines.run  # noqa: F401  (registers the ${repo_root:} config resolver)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
