@@ -1,0 +1,184 @@
+"""The class-conditional Diffusion Transformer (Peebles & Xie, "Scalable Diffusion Models with Transformers", 2023).
+
+A latent (B, C, H, W) is cut into p×p patches, each embedded as one token of width D, plus a fixed 2D sin-cos
+position embedding. The conditioning vector c = embed(t) + embed(y) drives every block through adaLN-Zero, and a
+final adaLN layer maps each token back to a p×p patch of C_out channels:
+    C_out = C     the prediction (ε for DDPM, the velocity v for rectified flow)
+    C_out = 2 C   prediction and, with `learn_sigma`, the interpolation v ∈ [-1, 1] of the DDPM variance.
+
+Time convention: t is given in DDPM step units, t ∈ [0, 1000], noise at the high end. The DDPM objective passes
+its integer step of the 1000-step chain (also when sampling on a respaced chain); the flow objective passes
+1000 · t for the flow time t ∈ [0, 1]. Both then use the full range of the sinusoidal time features.
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from omegaconf import DictConfig
+from torch import nn
+
+from shared.errors import ConfigError
+from shared.nn import SelfAttention, TimestepEmbedder, modulate, zero_module
+
+
+def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """positions (N,) -> (N, dim): [sin(pos · ω_k), cos(pos · ω_k)] with ω_k = 10000^(-2k / dim)."""
+    omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.double()[:, None] * omega[None]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
+
+
+def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
+    """Fixed position embedding of a height × width token grid, (height · width, dim) in row-major token order:
+    the first half of the channels encodes the row, the second half the column."""
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos embedding needs a width divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.cat([sincos_1d(rows.flatten(), dim // 2), sincos_1d(cols.flatten(), dim // 2)], dim=1)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels (B,) -> (B, D). Row `num_classes` of the table is the null label ∅ of classifier-free guidance:
+    in training each label becomes ∅ with probability `dropout`, so that one network learns both p(x | y) and p(x).
+    """
+
+    def __init__(self, num_classes: int, dim: int, dropout: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout = dropout
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def drop(self, labels: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by ∅: where the boolean mask `force_drop` (B,) is set when it is given (and nowhere
+        else), otherwise at random with probability `dropout` in training mode."""
+        if force_drop is None:
+            if not self.training or self.dropout == 0:
+                return labels
+            force_drop = torch.rand(labels.shape, device=labels.device) < self.dropout
+        return torch.where(force_drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table(self.drop(labels, force_drop))
+
+
+class DiTBlock(nn.Module):
+    """Pre-norm transformer block conditioned by adaLN-Zero:
+        (shift₁, scale₁, gate₁, shift₂, scale₂, gate₂) = Linear(SiLU(c))
+        x ← x + gate₁ · Attention(LN(x) · (1 + scale₁) + shift₁)
+        x ← x + gate₂ · MLP(LN(x) · (1 + scale₂) + shift₂)
+    With the modulation layer initialised to zero every gate is 0, so each block starts as the identity.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        mlp_width = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_width), nn.GELU(approximate="tanh"), nn.Linear(mlp_width, dim))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x (B, N, D) tokens, c (B, D) conditioning."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift and scale, no gate) then a linear map of each token (B, N, D) to a patch (B, N, p·p·C_out)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nn.Module):
+    def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 class_dropout: float = 0.1, learn_sigma: bool = True):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_classes = num_classes
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # A buffer, not a parameter: fixed, but saved with the weights and moved with the model.
+        self.register_buffer("pos_embed", sincos_2d(self.grid_size, self.grid_size, hidden_size)[None])
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: Xavier-uniform linears (and patch projection, seen as a linear), N(0, 0.02²)
+        embeddings, and zero modulation and output layers so that the network starts as the identity on the
+        tokens and outputs exactly zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.out_channels, -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        for layer in self.t_embedder.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.02)
+        for block in self.blocks:
+            zero_module(block.modulation[-1])
+        zero_module(self.final_layer.modulation[-1])
+        zero_module(self.final_layer.linear)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) float in DDPM step units [0, 1000], y (B,) int64 labels,
+        force_drop (B,) bool: labels to replace by ∅. Returns (B, C_out, H, W)."""
+        p = self.patch_size
+        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        patches = self.final_layer(tokens, c)
+        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=x.shape[-2] // p, p=p, q=p)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans, 2022) from one pass over the doubled batch [(x, y); (x, ∅)]:
+            out = out(x, ∅) + s · (out(x, y) − out(x, ∅))
+        on the C prediction channels; the variance channels (learn_sigma) stay the conditional ones. s = 1 is
+        the conditional model, computed without the unconditional half."""
+        if cfg_scale == 1:
+            return self(x, t, y)
+        batch, channels = x.shape[:2]
+        drop = torch.arange(2 * batch, device=y.device) >= batch
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
+        conditional, unconditional = out.chunk(2)
+        guided = unconditional[:, :channels] + cfg_scale * (conditional[:, :channels] - unconditional[:, :channels])
+        return torch.cat([guided, conditional[:, channels:]], dim=1)
+
+
+def build_dit(ldm_cfg: DictConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
+    """The DiT of an `ldm` config group, for latents (in_channels, input_size, input_size)."""
+    if ldm_cfg.kind != "dit":
+        raise ConfigError(f"ldm.kind={ldm_cfg.kind!r} is not a known stage-2 network (expected 'dit')")
+    if input_size % ldm_cfg.patch_size:
+        raise ConfigError(f"ldm.patch_size={ldm_cfg.patch_size} does not divide the latent size {input_size}")
+    if ldm_cfg.hidden_size % ldm_cfg.num_heads:
+        raise ConfigError(f"ldm.hidden_size={ldm_cfg.hidden_size} is not divisible by "
+                          f"ldm.num_heads={ldm_cfg.num_heads}")
+    if ldm_cfg.hidden_size % 4:
+        raise ConfigError(f"ldm.hidden_size={ldm_cfg.hidden_size} must be divisible by 4 (2D sin-cos positions)")
+    if not 0 <= ldm_cfg.class_dropout < 1:
+        raise ConfigError(f"ldm.class_dropout={ldm_cfg.class_dropout} must lie in [0, 1)")
+    return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+               patch_size=ldm_cfg.patch_size, hidden_size=ldm_cfg.hidden_size, depth=ldm_cfg.depth,
+               num_heads=ldm_cfg.num_heads, mlp_ratio=ldm_cfg.mlp_ratio, class_dropout=ldm_cfg.class_dropout,
+               learn_sigma=ldm_cfg.learn_sigma)
