@@ -1,0 +1,145 @@
+"""Fréchet distance between Gaussian fits of Inception features, its statistics files, and precision/recall.
+
+FID (Heusel et al. 2017) between N(mu1, S1) and N(mu2, S2):
+
+    FID = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))
+
+Statistics files are .npz with `mu` and `sigma` (float64), the layout of ADM's evaluator reference batches
+(`VIRTUAL_imagenet256_labeled.npz`), which also carry `mu_s` / `sigma_s` for sFID.
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from shared.errors import DataError
+
+# Offset added to both covariances when the product is too close to singular for sqrtm (few samples, 2048 dims).
+SQRTM_EPS = 1e-6
+# sqrtm of a product of PSD matrices is real up to rounding; a larger imaginary part means broken statistics.
+IMAGINARY_TOLERANCE = 1e-3
+
+
+def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+    accumulator = StatisticsAccumulator()
+    accumulator.update(torch.as_tensor(features))
+    return accumulator.statistics()
+
+
+class StatisticsAccumulator:
+    """Running float64 sums Σx and Σxxᵀ, so mean and covariance of 50k features need only O(D²) memory.
+
+    The sums stay on the device of the features they are fed (a (2048, 2048) float64 matmul per batch).
+    """
+
+    def __init__(self):
+        self.count = 0
+        self.sum: torch.Tensor | None = None  # (D,)
+        self.outer_sum: torch.Tensor | None = None  # (D, D)
+
+    def update(self, features: torch.Tensor) -> None:
+        """features: (B, D)."""
+        features = features.detach().to(torch.float64)
+        if self.sum is None:
+            dim = features.shape[1]
+            self.sum = features.new_zeros(dim)
+            self.outer_sum = features.new_zeros(dim, dim)
+        self.count += features.shape[0]
+        self.sum += features.sum(dim=0)
+        self.outer_sum += features.T @ features
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """mu = Σx / N, sigma = (Σxxᵀ - N mu muᵀ) / (N - 1)."""
+        if self.count < 2:
+            raise DataError(f"FID needs at least 2 images to estimate a covariance, got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer_sum - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """|mu1 - mu2|² + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise DataError(f"FID statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
+                        f"sigma {sigma1.shape} vs {sigma2.shape}")
+    mean_term = np.sum((mu1 - mu2) ** 2)
+
+    covariance_sqrt = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covariance_sqrt).all():
+        # S1 S2 is (nearly) singular, e.g. fewer samples than dimensions: regularise both covariances a little.
+        offset = np.eye(sigma1.shape[0]) * SQRTM_EPS
+        covariance_sqrt = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covariance_sqrt):
+        largest_imaginary = np.max(np.abs(covariance_sqrt.imag))
+        if not np.allclose(np.diagonal(covariance_sqrt).imag, 0, atol=IMAGINARY_TOLERANCE):
+            raise ValueError(f"sqrtm(S1 S2) has an imaginary component of {largest_imaginary:.3g}; "
+                             f"the covariances are not valid statistics")
+        covariance_sqrt = covariance_sqrt.real
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covariance_sqrt))
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra: np.ndarray) -> Path:
+    """Write mu, sigma (and e.g. mu_s, sigma_s, features) to an .npz, via a temporary file so a crash leaves none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.npz")
+    np.savez(partial, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
+    partial.replace(path)
+    return path
+
+
+def load_statistics(path: str | Path, spatial: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an .npz of ours or an ADM evaluator reference batch; `spatial` reads sFID's mu_s/sigma_s."""
+    path = Path(path)
+    keys = ("mu_s", "sigma_s") if spatial else ("mu", "sigma")
+    try:
+        with np.load(path) as stats:
+            missing = [key for key in keys if key not in stats.files]
+            if missing:
+                raise DataError(f"{path} has no {' / '.join(missing)} (it holds {', '.join(stats.files)}); expected "
+                                f"FID statistics as written by stage=evaluate or ADM's evaluator")
+            return stats[keys[0]].astype(np.float64), stats[keys[1]].astype(np.float64)
+    except FileNotFoundError as error:
+        raise DataError(f"FID statistics file not found: {path}") from error
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"cannot read FID statistics from {path}: {error}") from error
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """(N,) distance of each row to its k-th nearest other row."""
+    radii = [torch.cdist(chunk, features).kthvalue(k + 1, dim=1).values  # +1: the row itself is at distance 0
+             for chunk in features.split(batch_size)]
+    return torch.cat(radii)
+
+
+def _fraction_inside_manifold(queries: torch.Tensor, support: torch.Tensor, radii: torch.Tensor,
+                              batch_size: int) -> float:
+    """Fraction of queries within radii[j] of some support[j]."""
+    inside = [(torch.cdist(chunk, support) <= radii).any(dim=1) for chunk in queries.split(batch_size)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 3,
+                     batch_size: int = 1024) -> dict[str, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) on (N, D) feature sets.
+
+    Each set's manifold is the union of balls around its points with radius the distance to the k-th nearest
+    neighbour. precision = share of fakes inside the real manifold; recall = share of reals inside the fake manifold.
+    """
+    if len(real_features) <= k or len(fake_features) <= k:
+        raise DataError(f"precision/recall with k={k} needs more than {k} images per set, got "
+                        f"{len(real_features)} real and {len(fake_features)} generated")
+    real_features, fake_features = real_features.float(), fake_features.float().to(real_features.device)
+    real_radii = _kth_neighbour_radii(real_features, k, batch_size)
+    fake_radii = _kth_neighbour_radii(fake_features, k, batch_size)
+    return {
+        "precision": _fraction_inside_manifold(fake_features, real_features, real_radii, batch_size),
+        "recall": _fraction_inside_manifold(real_features, fake_features, fake_radii, batch_size),
+    }

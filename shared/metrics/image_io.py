@@ -1,0 +1,245 @@
+"""Image sets on disk for the metrics: folders of PNG/JPEG and ADM-layout .npz files (`arr_0`: uint8 N x H x W x 3).
+
+Reading yields uint8 batches (B, 3, H, W) with names for pairing: a folder's names are file paths relative to it
+without suffix ("n01440764/ILSVRC2012_val_00000293"); an .npz's are zero-padded indices ("000017"). Writing takes
+float images in [-1, 1], quantised as a PNG is (`quantize_to_uint8`). The .npz reader and writer stream, so 50k
+samples at 256 px (10 GB) never need to fit in memory.
+"""
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, UnidentifiedImageError
+
+from shared.errors import DataError
+from shared.metrics.inception import quantize_to_uint8
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPZ_IMAGES = "arr_0.npy"
+NPZ_LABELS = "arr_1.npy"
+
+
+class ImageSet:
+    """A sized, ordered set of equally sized RGB images. Subclasses implement `read(start, stop)`."""
+
+    names: list[str]
+    image_size: tuple[int, int]  # (H, W)
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """uint8 (stop - start, 3, H, W)."""
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+        """(names, uint8 (B, 3, H, W)) in order."""
+        for start in range(0, len(self), batch_size):
+            stop = min(start + batch_size, len(self))
+            yield self.names[start:stop], self.read(start, stop)
+
+
+class FolderImages(ImageSet):
+    """Every PNG/JPEG under a folder (recursively), sorted by relative path; greyscale and RGBA become RGB."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"no PNG or JPEG images in {folder}")
+        self.files = files
+        self.names = [p.relative_to(folder).with_suffix("").as_posix() for p in files]
+        duplicates = len(self.names) - len(set(self.names))
+        if duplicates:
+            raise DataError(f"{folder} holds {duplicates} images whose names differ only in the suffix; "
+                            f"names must be unique to pair images")
+        self.image_size = self._load(files[0]).shape[1:]
+
+    def _load(self, file: Path) -> torch.Tensor:
+        try:
+            with Image.open(file) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataError(f"cannot read the image {file}: {error}") from error
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        images = []
+        for file in self.files[start:stop]:
+            image = self._load(file)
+            if tuple(image.shape[1:]) != tuple(self.image_size):
+                raise DataError(f"{file} is {tuple(image.shape[1:])} but the first image of {self.path} is "
+                                f"{tuple(self.image_size)}; all images of a set must have one size")
+            images.append(image)
+        return torch.stack(images)
+
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npz_member_header(member) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the .npy member, leaving the stream at the first data byte."""
+    version = np.lib.format.read_magic(member)
+    if version not in _HEADER_READERS:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran_order, dtype = _HEADER_READERS[version](member)
+    if fortran_order:
+        raise ValueError("Fortran-ordered arrays are not supported")
+    return shape, dtype
+
+
+class NpzImages(ImageSet):
+    """`arr_0` of an .npz (uint8 N x H x W x 3, ADM's sample and reference batches), read in slices from the zip."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(NPZ_IMAGES) as member:
+                shape, dtype = _npz_member_header(member)
+                self._data_offset = member.tell()
+        except KeyError as error:
+            raise DataError(f"{path} has no arr_0: expected images as uint8 N x H x W x 3 (ADM layout)") from error
+        except (OSError, ValueError, zipfile.BadZipFile) as error:
+            raise DataError(f"cannot read {path} as an .npz of images: {error}") from error
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+            raise DataError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 N x H x W x 3 (ADM layout)")
+        count, height, width, _ = shape
+        self.image_size = (height, width)
+        width_digits = max(6, len(str(count - 1)))
+        self.names = [f"{i:0{width_digits}d}" for i in range(count)]
+        self._image_bytes = height * width * 3
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        with zipfile.ZipFile(self.path) as archive, archive.open(NPZ_IMAGES) as member:
+            member.seek(self._data_offset + start * self._image_bytes)
+            return self._decode(member.read((stop - start) * self._image_bytes), stop - start)
+
+    def _decode(self, data: bytes, count: int) -> torch.Tensor:
+        if len(data) != count * self._image_bytes:
+            raise DataError(f"{self.path} is truncated: arr_0 ends before image {len(self)}")
+        array = np.frombuffer(data, np.uint8).reshape(count, *self.image_size, 3)
+        return torch.from_numpy(array.copy()).permute(0, 3, 1, 2)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+        # One sequential pass over the member: also cheap for compressed archives, where seeking restarts decoding.
+        with zipfile.ZipFile(self.path) as archive, archive.open(NPZ_IMAGES) as member:
+            member.seek(self._data_offset)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                yield self.names[start:start + count], self._decode(member.read(count * self._image_bytes), count)
+
+
+def open_images(path: str | Path) -> ImageSet:
+    """A folder of PNG/JPEG images or an ADM-layout .npz; DataError naming the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        return FolderImages(path)
+    if path.is_file() and path.suffix == ".npz":
+        return NpzImages(path)
+    if path.exists():
+        raise DataError(f"{path} is neither a folder of images nor an .npz of uint8 N x H x W x 3 images")
+    raise DataError(f"image folder or .npz not found: {path}")
+
+
+def _to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] or uint8 (B, 3, H, W) -> uint8 (B, H, W, 3)."""
+    images = torch.as_tensor(images)
+    if images.dtype != torch.uint8:
+        images = quantize_to_uint8(images)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class NpzWriter:
+    """Streams images into an ADM-layout .npz (`arr_0` uint8 N x H x W x 3, optional `arr_1` int64 labels).
+
+    The count is fixed up front (it is in the .npy header); the file appears under its name only once complete.
+        with NpzWriter(path, num_images=50000, height=256, width=256) as writer:
+            writer.write(images_in_minus1_1, labels)
+    """
+
+    def __init__(self, path: str | Path, num_images: int, height: int, width: int):
+        self.path = Path(path)
+        self.shape = (num_images, height, width, 3)
+        self.written = 0
+        self.labels: list[np.ndarray] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._archive = zipfile.ZipFile(self._partial, "w", allowZip64=True)
+        self._member = self._archive.open(NPZ_IMAGES, "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._member, header)
+
+    def write(self, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None) -> None:
+        """images: float (B, 3, H, W) in [-1, 1] or uint8 (B, 3, H, W); labels: (B,) or None."""
+        array = _to_uint8_nhwc(images)
+        if array.shape[1:] != self.shape[1:] or self.written + len(array) > self.shape[0]:
+            raise ValueError(f"cannot add images {array.shape} to {self.path}: declared {self.shape}, "
+                             f"{self.written} written")
+        self._member.write(np.ascontiguousarray(array).tobytes())
+        self.written += len(array)
+        if labels is not None:
+            self.labels.append(np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64))
+
+    def close(self) -> Path:
+        self._member.close()
+        if self.written != self.shape[0]:
+            self._archive.close()
+            self._partial.unlink()
+            raise ValueError(f"{self.path}: {self.written} images written but {self.shape[0]} declared")
+        if self.labels:
+            with self._archive.open(NPZ_LABELS, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.concatenate(self.labels))
+        self._archive.close()
+        self._partial.replace(self.path)
+        return self.path
+
+    def __enter__(self) -> "NpzWriter":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            self.close()
+        else:  # leave no half-written file behind
+            self._member.close()
+            self._archive.close()
+            self._partial.unlink(missing_ok=True)
+
+
+def write_npz(path: str | Path, images: torch.Tensor | np.ndarray,
+              labels: torch.Tensor | np.ndarray | None = None) -> Path:
+    """All of `images` (float (N, 3, H, W) in [-1, 1] or uint8) as one ADM-layout .npz."""
+    with NpzWriter(path, len(images), *images.shape[-2:]) as writer:
+        writer.write(images, labels)
+    return Path(path)
+
+
+def save_images(images: torch.Tensor, folder: str | Path, names: Sequence[str]) -> list[Path]:
+    """One PNG per image (float (B, 3, H, W) in [-1, 1] or uint8) as folder/<name>.png."""
+    if len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    folder = Path(folder)
+    paths = []
+    for array, name in zip(_to_uint8_nhwc(images), names):
+        path = folder / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    return paths
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """A PNG grid of float (B, 3, H, W) images in [-1, 1] (or uint8), `nrow` images per row, 2 px black gaps."""
+    images = torch.as_tensor(images)
+    pixels = images if images.dtype == torch.uint8 else quantize_to_uint8(images)
+    grid = torchvision.utils.make_grid(pixels.cpu(), nrow=nrow, padding=2, pad_value=0)  # (3, H', W') uint8
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    return path
