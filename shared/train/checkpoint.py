@@ -39,10 +39,23 @@ def atomic_save(obj, path: Path) -> None:
         os.close(directory)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run folder (`<run>` or `<run>/checkpoints`)."""
     path = Path(path)
+    if path.is_dir():
+        for directory in (path / "checkpoints", path):
+            newest = CheckpointDir(directory).latest()
+            if newest is not None:
+                return newest
+        raise DataError(f"no checkpoint (step_*.pt) in {path} or {path / 'checkpoints'}")
     if not path.is_file():
         raise DataError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint dict from a file or a run folder (its newest checkpoint)."""
+    path = resolve_checkpoint(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # torch raises several types for truncated or foreign files

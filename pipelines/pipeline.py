@@ -1,0 +1,176 @@
+"""stage=pipeline: the main job. tokenizer → reconstruct → cache → ldm → sample → evaluate, then a report.
+
+    python pipelines/run.py stage=pipeline experiment=smoke
+
+Everything goes under ${output_root}/pipeline/${name}/, one folder per step. A step whose output exists is
+skipped, so rerunning the command resumes (training steps also resume inside themselves from their checkpoints).
+The report (report.md, report.json) states the settings behind every number.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from shared.errors import ConfigError
+
+STEPS = ("tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate")
+
+
+def _with(cfg: DictConfig, **values) -> DictConfig:
+    """A copy of cfg with dotted keys set, e.g. _with(cfg, **{"tokenizer.checkpoint": path})."""
+    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(copy):
+        for key, value in values.items():
+            OmegaConf.update(copy, key, value, merge=False)
+    return copy
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Pipeline:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.output_root) / "pipeline" / str(cfg.name)
+        unknown = set(cfg.pipeline.steps) - set(STEPS)
+        if unknown:
+            raise ConfigError(f"pipeline.steps has unknown steps {sorted(unknown)}; choose from {list(STEPS)}")
+        self.steps = [step for step in STEPS if step in cfg.pipeline.steps]
+        self.seconds: dict[str, float] = _read_json(self.root / "seconds.json") or {}
+
+    def folder(self, step: str) -> Path:
+        return self.root / step
+
+    def _timed(self, step: str, function):
+        began = time.perf_counter()
+        result = function()
+        self.seconds[step] = round(time.perf_counter() - began, 2)
+        (self.root / "seconds.json").write_text(json.dumps(self.seconds, indent=2) + "\n")
+        return result
+
+    def tokenizer_checkpoint(self) -> Path:
+        from shared.train.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(self.folder("tokenizer"))
+
+    def run_tokenizer(self) -> None:
+        if (self.folder("tokenizer") / "DONE").exists():
+            return
+        from stage1_tokenizer.train import train_tokenizer
+
+        self._timed("tokenizer", lambda: train_tokenizer(self.cfg, run_dir=self.folder("tokenizer")))
+
+    def run_reconstruct(self) -> None:
+        if (self.folder("reconstruct") / f"metrics_nfe{self.cfg.decode.nfe}.json").exists():
+            return
+        from stage1_tokenizer.reconstruct import reconstruct
+
+        self._timed("reconstruct", lambda: reconstruct(self.cfg, self.tokenizer_checkpoint(),
+                                                       run_dir=self.folder("reconstruct")))
+
+    def run_cache(self) -> None:
+        if (self.folder("cache") / "train" / "manifest.json").exists():
+            return
+        from stage2_ldm.cache import main as cache_main
+
+        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint()),
+                                 "cache.dir": str(self.folder("cache")), "cache.splits": ["train"]})
+        self._timed("cache", lambda: cache_main(cfg))
+
+    def run_ldm(self) -> None:
+        if (self.folder("ldm") / "DONE").exists():
+            return
+        from stage2_ldm.sample import preview_grid
+        from stage2_ldm.train import train_ldm
+
+        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint())})
+        self._timed("ldm", lambda: train_ldm(
+            cfg, cache_dir=self.folder("cache"), run_dir=self.folder("ldm"),
+            on_sample=lambda step, dit, config, runtime: preview_grid(cfg, step, dit, config, runtime)))
+
+    def run_sample(self) -> None:
+        if (self.folder("sample") / "metrics.json").exists():
+            return
+        from stage2_ldm.sample import sample_to_folder
+
+        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint())})
+        self._timed("sample", lambda: sample_to_folder(cfg, self.folder("ldm"), out_dir=self.folder("sample")))
+
+    def run_evaluate(self) -> None:
+        if (self.folder("evaluate") / "metrics.json").exists():
+            return
+        from shared.metrics.evaluate import main as evaluate_main
+
+        cfg = _with(self.cfg, **{"evaluate.samples": str(self.folder("sample") / "samples.npz"),
+                                 "stage": "evaluate"})
+        self._timed("evaluate", lambda: evaluate_main(cfg, run_dir=self.folder("evaluate")))
+
+    def report(self) -> dict:
+        nfe = self.cfg.decode.nfe
+        reconstruction = _read_json(self.folder("reconstruct") / f"metrics_nfe{nfe}.json") or {}
+        sampling = _read_json(self.folder("sample") / "metrics.json") or {}
+        evaluation = _read_json(self.folder("evaluate") / "metrics.json") or {}
+        report = {
+            "name": str(self.cfg.name), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
+            "tokenizer": {"kind": self.cfg.tokenizer.kind, "downsample": self.cfg.tokenizer.downsample,
+                          "latent_channels": self.cfg.tokenizer.latent_channels,
+                          "train_steps": self.cfg.tokenizer.train.steps},
+            "ldm": {"depth": self.cfg.ldm.depth, "hidden_size": self.cfg.ldm.hidden_size,
+                    "patch_size": self.cfg.ldm.patch_size, "objective": self.cfg.ldm.objective,
+                    "train_steps": self.cfg.ldm.train.steps},
+            "reconstruction": {key: reconstruction.get(key) for key in
+                               ("rfid", "psnr", "ssim", "lpips", "decode_images_per_s", "num_images", "decoder_nfe")},
+            "generation": {"gfid": evaluation.get("fid"), "num_samples": sampling.get("num_samples"),
+                           "sampler": sampling.get("sampler"), "steps": sampling.get("steps"),
+                           "cfg_scale": sampling.get("cfg_scale"), "decoder_nfe": sampling.get("decoder_nfe"),
+                           "reference": evaluation.get("reference")},
+            "throughput_images_per_s": sampling.get("images_per_s"),
+            "sample_batch_size": sampling.get("batch_size"),
+            "wall_seconds": self.seconds,
+        }
+        (self.root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (self.root / "report.md").write_text(render_markdown(report))
+        return report
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def render_markdown(report: dict) -> str:
+    rec, gen, speed = report["reconstruction"], report["generation"], report["throughput_images_per_s"] or {}
+    tok, ldm = report["tokenizer"], report["ldm"]
+    lines = [
+        f"# Pipeline report: {report['name']}", "",
+        f"Data: {report['data'].get('kind')} at {report['data'].get('resolution')} px. "
+        f"Tokenizer: {tok['kind']} f{tok['downsample']} × {tok['latent_channels']} channels, "
+        f"{tok['train_steps']} steps. DiT: depth {ldm['depth']}, width {ldm['hidden_size']}, patch "
+        f"{ldm['patch_size']}, {ldm['objective']} objective, {ldm['train_steps']} steps.", "",
+        "| metric | value | settings |", "|---|---|---|",
+        f"| rFID | {_fmt(rec['rfid'])} | {rec['num_images']} images, decoder NFE {rec['decoder_nfe']} |",
+        f"| PSNR (dB) | {_fmt(rec['psnr'])} | same |",
+        f"| SSIM | {_fmt(rec['ssim'])} | same |",
+        f"| LPIPS | {_fmt(rec['lpips'])} | same |",
+        f"| gFID | {_fmt(gen['gfid'])} | {gen['num_samples']} samples, {gen['sampler']} {gen['steps']} steps, "
+        f"CFG {gen['cfg_scale']}, decoder NFE {gen['decoder_nfe']}, reference: {gen['reference']} |",
+        f"| images/s, DiT sampling | {_fmt(speed.get('ldm'))} | batch {report['sample_batch_size']} |",
+        f"| images/s, decoding | {_fmt(speed.get('decode'))} | same |",
+        f"| images/s, whole chain | {_fmt(speed.get('total'))} | same |",
+        f"| tokenizer decode images/s (reconstruction) | {_fmt(rec['decode_images_per_s'])} | |", "",
+        "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_seconds"].items()), "",
+    ]
+    return "\n".join(lines)
+
+
+def main(cfg: DictConfig) -> dict:
+    pipeline = Pipeline(cfg)
+    pipeline.root.mkdir(parents=True, exist_ok=True)
+    for step in pipeline.steps:
+        getattr(pipeline, f"run_{step}")()
+    report = pipeline.report()
+    print((pipeline.root / "report.md").read_text())
+    return report

@@ -1,0 +1,125 @@
+"""stage=tokenizer: train an ε-VAE, DGAE or VAE-baseline tokenizer with the shared training loop.
+
+The objective (stage1_tokenizer/objective.py) defines the losses; this file only adapts it to the loop: which
+parameters each optimiser owns, when the discriminator starts, and the reconstruction grids written while training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from shared import runtime as runtime_lib
+from shared.data.images import build_image_dataset, make_image_loader
+from shared.errors import ConfigError
+from shared.metrics.image_io import save_image_grid
+from shared.train.loop import TrainModule, train
+from shared.train.setup import loop_config, optim_config
+from stage1_tokenizer.objective import build_objective
+
+# Keys of the tokenizer config group that describe training, not the networks: changing them keeps checkpoints
+# compatible (e.g. training longer).
+TRAINING_ONLY_KEYS = ("train", "checkpoint")
+
+
+def model_config(tokenizer_cfg: DictConfig) -> dict:
+    """The part of the tokenizer config that determines the networks, stored in every checkpoint."""
+    config = OmegaConf.to_container(tokenizer_cfg, resolve=True)
+    for key in TRAINING_ONLY_KEYS:
+        config.pop(key, None)
+    return config
+
+
+def check_config(cfg: DictConfig) -> None:
+    resolution, factor = cfg.data.resolution, cfg.tokenizer.downsample
+    if resolution % factor:
+        raise ConfigError(f"data.resolution={resolution} is not divisible by the tokenizer's downsampling factor "
+                          f"tokenizer.downsample={factor}")
+
+
+class TokenizerTraining(TrainModule):
+    """The generator phase trains encoder + decoder; the discriminator phase (GAN methods only) trains D."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.objective = objective
+        self.disc_start = objective.loss_cfg.get("disc_start", 0)
+
+    def phases(self) -> list[str]:
+        return ["generator"] + (["discriminator"] if self.objective.discriminator is not None else [])
+
+    def is_active(self, phase: str, step: int) -> bool:
+        return phase == "generator" or step >= self.disc_start
+
+    def phase_parameters(self, phase: str) -> list[torch.nn.Parameter]:
+        network = self.objective.tokenizer if phase == "generator" else self.objective.discriminator
+        return [p for p in network.parameters() if p.requires_grad]
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        networks = {"tokenizer": self.objective.tokenizer}
+        if self.objective.discriminator is not None:
+            networks["discriminator"] = self.objective.discriminator
+        return networks
+
+    def forward(self, batch: dict, step: int, phase: str):
+        if phase == "generator":
+            return self.objective.generator_loss(batch["image"], step)
+        return self.objective.discriminator_loss(batch["image"], step)
+
+
+def preview_images(data_cfg: DictConfig, count: int) -> torch.Tensor:
+    """The first `count` readable validation images, (count, 3, H, W): the same ones in every grid of a run."""
+    dataset = build_image_dataset(data_cfg, "val")
+    items = [dataset[i] for i in range(min(len(dataset), 4 * count))]
+    images = [item["image"] for item in items if item is not None][:count]
+    return torch.stack(images)
+
+
+@torch.no_grad()
+def reconstruction_grid(tokenizer, images: torch.Tensor, nfe: int, path: Path) -> None:
+    """Originals (odd rows) above their reconstructions (even rows)."""
+    tokenizer.eval()
+    reconstructions = tokenizer.decode(tokenizer.encode(images).mode(), nfe=nfe)
+    columns = min(8, len(images))
+    rows = []
+    for start in range(0, len(images), columns):
+        rows += [images[start : start + columns], reconstructions[start : start + columns]]
+    save_image_grid(torch.cat(rows), path, nrow=columns)
+
+
+def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
+    """Train (or resume) the tokenizer of `cfg.tokenizer` on `cfg.data`; returns the final checkpoint path."""
+    check_config(cfg)
+    runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
+    train_cfg = cfg.tokenizer.train
+    objective = build_objective(cfg.tokenizer)
+    module = TokenizerTraining(objective)
+    optim = {"generator": optim_config(train_cfg)}
+    if "discriminator" in module.phases():
+        optim["discriminator"] = optim_config(train_cfg, prefix="disc_")
+    loop = loop_config(train_cfg, optim)
+
+    def make_batches(start_step: int):
+        return iter(make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
+                                      rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
+                                      pin_memory=runtime.device.type == "cuda"))
+
+    preview = preview_images(cfg.data, cfg.reconstruct.grid_images).to(runtime.device)
+
+    def on_sample(step: int, ema) -> None:
+        with runtime.autocast():
+            reconstruction_grid(ema.model, preview, cfg.decode.nfe, runtime.run_dir / "samples" / f"recon_{step:07d}.png")
+
+    runtime.log.info("tokenizer %s: %.2fM trainable parameters", cfg.tokenizer.kind,
+                     sum(p.numel() for p in objective.tokenizer.parameters()) / 1e6)
+    result = train(runtime, module, make_batches, loop, model_config=model_config(cfg.tokenizer),
+                   images_per_batch=train_cfg.batch_size, on_sample=on_sample, progress=cfg.progress)
+    runtime.log.info("done: %s", result.checkpoint)
+    runtime.mark_done()
+    runtime.close()
+    return result.checkpoint
+
+
+def main(cfg: DictConfig) -> None:
+    train_tokenizer(cfg)

@@ -1,0 +1,146 @@
+"""stage=sample: class-conditional samples from a trained DiT, decoded by the stage-1 tokenizer.
+
+    python pipelines/run.py stage=sample ldm.checkpoint=outputs/ldm/RUN sample.cfg_scale=1.5 decode.nfe=3
+
+Writes to the run folder: images/<index>_c<label>.png, grid.png, samples.npz (the ADM evaluator's layout: arr_0
+uint8 N×H×W×3, arr_1 labels) and metrics.json with images/s of the LDM part, the decoding part and the whole.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from shared import runtime as runtime_lib
+from shared.data.latents import LatentStats
+from shared.errors import ConfigError
+from shared.metrics.image_io import save_image_grid, save_images, write_npz
+from shared.train.checkpoint import load_model_state, resolve_checkpoint
+from stage1_tokenizer.tokenizer import load_tokenizer
+from stage2_ldm.objectives import build_objective
+from stage2_ldm.train import build_from_model_config
+
+
+def load_ldm(path: str | Path, device: torch.device, use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
+    """The DiT of a stage=ldm checkpoint (file or run folder) and its stored model config."""
+    state, config = load_model_state(path, "dit", use_ema=use_ema)
+    dit = build_from_model_config(config)
+    dit.load_state_dict(state)
+    return dit.to(device).eval(), config
+
+
+def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:
+    """sample.labels if given, else sample.num_per_class of every class, class-major: (N,) int64."""
+    if sample_cfg.labels is not None:
+        labels = torch.tensor(list(sample_cfg.labels), dtype=torch.long)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
+            raise ConfigError(f"sample.labels must be class indices in [0, {num_classes}), got {list(sample_cfg.labels)}")
+        return labels
+    if sample_cfg.num_per_class < 1:
+        raise ConfigError(f"sample.num_per_class={sample_cfg.num_per_class} must be at least 1 (or give sample.labels)")
+    return torch.arange(num_classes).repeat_interleave(sample_cfg.num_per_class)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: float, sampler: str | None,
+             steps: int | None, nfe: int, batch_size: int, device: torch.device, autocast, progress: bool = False):
+    """Images (N, 3, H, W) in [-1, 1] for `labels`, and the seconds spent in the DiT sampler and in decoding."""
+    objective = build_objective(OmegaConf.create(config))
+    stats = LatentStats.from_dict(config["latent_stats"])
+    latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
+    images, seconds = [], {"ldm": 0.0, "decode": 0.0}
+    for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
+        batch_labels = labels[start : start + batch_size].to(device)
+        noise = torch.randn(len(batch_labels), *latent_shape, device=device)
+        _synchronize(device)
+        began = time.perf_counter()
+        with autocast():
+            latents = objective.sample(dit, noise, batch_labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps)
+        _synchronize(device)
+        seconds["ldm"] += time.perf_counter() - began
+        began = time.perf_counter()
+        with autocast():
+            decoded = tokenizer.decode(stats.denormalize(latents.float()), nfe=nfe)
+        _synchronize(device)
+        seconds["decode"] += time.perf_counter() - began
+        images.append(decoded.float().clamp(-1, 1).cpu())
+    return torch.cat(images), seconds
+
+
+def throughput(count: int, seconds: dict) -> dict:
+    total = seconds["ldm"] + seconds["decode"]
+    return {"ldm": count / seconds["ldm"], "decode": count / seconds["decode"], "total": count / total}
+
+
+def _tokenizer_for(cfg: DictConfig, config: dict, device: torch.device):
+    path = cfg.tokenizer.get("checkpoint") or config.get("tokenizer_checkpoint")
+    if not path:
+        raise ConfigError("no tokenizer to decode with: set tokenizer.checkpoint=<stage=tokenizer run or file>")
+    return load_tokenizer(resolve_checkpoint(path), device, use_ema=bool(cfg.decode.use_ema))
+
+
+def preview_grid(cfg: DictConfig, step: int, dit, config: dict, runtime) -> None:
+    """During stage=ldm: one sample per class (at most 8 classes x 2) decoded to a PNG grid."""
+    if not (cfg.tokenizer.get("checkpoint") or config.get("tokenizer_checkpoint")):
+        return
+    tokenizer = _tokenizer_for(cfg, config, runtime.device)
+    labels = torch.arange(min(config["num_classes"], 8)).repeat(2)
+    images, _ = generate(dit.eval(), config, tokenizer, labels, cfg_scale=cfg.sample.cfg_scale,
+                         sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
+                         batch_size=len(labels), device=runtime.device, autocast=runtime.autocast)
+    save_image_grid(images, runtime.run_dir / "samples" / f"step_{step:07d}.png", nrow=len(labels) // 2)
+
+
+def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
+    """Sample, decode and write images, grid, npz and metrics.json; returns the metrics. Several processes split
+    the labels (rank r takes every world_size-th) and rank 0 assembles the npz."""
+    runtime = runtime_lib.setup(cfg, run_dir=out_dir)
+    torch.manual_seed(cfg.seed + runtime.rank)
+    dit, config = load_ldm(ldm_checkpoint, runtime.device, use_ema=True)
+    tokenizer = _tokenizer_for(cfg, config, runtime.device)
+    labels = labels_to_sample(cfg.sample, config["num_classes"])
+    indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
+    images, seconds = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
+                               sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
+                               batch_size=cfg.sample.batch_size, device=runtime.device, autocast=runtime.autocast,
+                               progress=cfg.progress and runtime.is_main)
+    names = [f"{int(i):06d}_c{int(labels[i])}" for i in indices]
+    save_images(images, runtime.run_dir / "images", names)
+    runtime.barrier()
+    metrics = {}
+    if runtime.is_main:
+        all_images = sorted((runtime.run_dir / "images").glob("*.png"))
+        from PIL import Image
+
+        pixels = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in all_images])
+        write_npz(runtime.run_dir / "samples.npz", pixels, labels=labels.numpy())
+        save_image_grid(images[:64], runtime.run_dir / "grid.png", nrow=8)
+        objective = build_objective(OmegaConf.create(config))
+        metrics = {
+            "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
+            "sampler": cfg.sample.sampler or objective.samplers[0],
+            "steps": cfg.sample.steps or objective.default_steps, "decoder_nfe": cfg.decode.nfe,
+            "objective": config["objective"], "device": str(runtime.device),
+            "images_per_s": throughput(len(indices), seconds), "seconds": seconds,
+            "ldm_checkpoint": str(resolve_checkpoint(ldm_checkpoint)),
+        }
+        (runtime.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        runtime.log.info("samples in %s: %s", runtime.run_dir, json.dumps(metrics["images_per_s"]))
+    runtime.close()
+    return metrics
+
+
+def main(cfg: DictConfig) -> None:
+    if not cfg.ldm.get("checkpoint"):
+        raise ConfigError("ldm.checkpoint is null: set ldm.checkpoint=<stage=ldm run folder or checkpoint file>")
+    print(json.dumps(sample_to_folder(cfg, cfg.ldm.checkpoint)))
