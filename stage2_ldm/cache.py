@@ -4,7 +4,8 @@
 
 Shard k holds the data-set indices [k·shard_size, (k+1)·shard_size); with several processes, rank r encodes the
 shards k ≡ r (mod world_size). Finished shards are never re-encoded, so an interrupted run resumes by running it
-again. When every shard exists, rank 0 writes stats.json and manifest.json (format: shared/data/latents.py).
+again. When every shard exists, rank 0 writes stats.json and manifest.json (format: shared/data/latents.py), so
+on several nodes cache.dir must be on a file system that every node sees.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from shared.data.latents import DTYPES, read_shard_info, shard_name, write_manifest, write_shard
 from shared.errors import ConfigError, DataError
+from shared.train.checkpoint import resolve_checkpoint
 
 log = logging.getLogger("epsvae")
 
@@ -34,23 +36,25 @@ FINGERPRINT_ELEMENTS = 1024
 
 
 def tokenizer_fingerprint(checkpoint_path: str | Path, use_ema: bool = True) -> str:
-    """sha256 of a tokenizer checkpoint's config, step, weight set (EMA or not) and the leading elements of every
-    weight tensor. Cheap: the checkpoint is memory-mapped and only those prefixes are read."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise DataError(f"tokenizer checkpoint {path} does not exist (tokenizer.checkpoint)")
-    # The project's own checkpoint, as load_tokenizer reads it: it also holds optimizer and RNG states.
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "step" not in checkpoint:
-        raise DataError(f"{path} is not a tokenizer checkpoint of this project (no 'config' and 'step')")
-    weight_set = "ema" if use_ema and checkpoint.get("ema") else "models"
+    """sha256 of a tokenizer checkpoint's config, step, weight set (EMA or not) and the leading elements of each
+    weight tensor of its "tokenizer" network. Cheap: the checkpoint is memory-mapped and only those prefixes are
+    read. checkpoint_path: a checkpoint file or a run folder (its newest checkpoint), as load_tokenizer takes."""
+    path = resolve_checkpoint(checkpoint_path)
+    try:  # the project's own checkpoint, read as load_tokenizer reads it (it also holds optimizer and RNG states)
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise DataError(f"tokenizer checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+    weight_set = "ema" if use_ema and "tokenizer" in checkpoint.get("ema", {}) else "models"
+    state = checkpoint.get(weight_set, {}).get("tokenizer")
+    if state is None or "config" not in checkpoint or "step" not in checkpoint:
+        raise DataError(f"{path} is not a tokenizer checkpoint of this project (it needs 'step', 'config' and a "
+                        f"'tokenizer' network)")
     digest = hashlib.sha256(json.dumps({"config": checkpoint["config"], "step": checkpoint["step"],
                                         "weights": weight_set}, sort_keys=True, default=str).encode())
-    for model_name, state in sorted(checkpoint.get(weight_set, {}).items()):
-        for key, tensor in sorted(state.items()):
-            digest.update(f"{model_name}.{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            prefix = tensor.detach().flatten()[:FINGERPRINT_ELEMENTS].contiguous()
-            digest.update(prefix.view(torch.uint8).numpy().tobytes())
+    for key, tensor in sorted(state.items()):
+        digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        prefix = tensor.detach().flatten()[:FINGERPRINT_ELEMENTS].contiguous()
+        digest.update(prefix.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -276,7 +276,7 @@ def test_bad_options_are_config_errors(tmp_path):
 def test_tokenizer_fingerprint_tells_checkpoints_apart(tmp_path):
     def save(name: str, seed: int, step: int) -> Path:
         torch.manual_seed(seed)
-        weights = {"encoder": torch.nn.Linear(4, 4).state_dict()}
+        weights = {"tokenizer": torch.nn.Linear(4, 4).state_dict()}
         path = tmp_path / name
         torch.save({"step": step, "config": {"kind": "epsvae"}, "models": weights, "ema": weights}, path)
         return path
@@ -285,5 +285,9 @@ def test_tokenizer_fingerprint_tells_checkpoints_apart(tmp_path):
     assert tokenizer_fingerprint(save("copy.pt", seed=0, step=10)) == first
     assert tokenizer_fingerprint(save("other_seed.pt", seed=1, step=10)) != first
     assert tokenizer_fingerprint(save("later.pt", seed=0, step=11)) != first
+    assert tokenizer_fingerprint(tmp_path / "a.pt", use_ema=False) != first
     with pytest.raises(DataError, match="missing.pt"):
         tokenizer_fingerprint(tmp_path / "missing.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="broken.pt"):
+        tokenizer_fingerprint(tmp_path / "broken.pt")

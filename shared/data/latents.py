@@ -269,7 +269,6 @@ class LatentCache:
         self._means, self._stds = means, stds
         self._starts = np.asarray(starts[:-1], dtype=np.int64)  # (S,) first row of each non-empty shard
         self.labels = np.concatenate(labels)  # (N,) int64, small enough to hold in memory
-        self.checksums_verified = verify_checksums
 
     def _check_expectations(self, fingerprint: str | None, channels: int | None) -> None:
         found = self.manifest["fingerprint"]["tokenizer"]
