@@ -112,7 +112,8 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε."""
-        return self._at(self.alphas_cumprod.sqrt(), t, x0) * x0 + self._at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
+        signal = self._at(self.alphas_cumprod.sqrt(), t, x0)
+        return signal * x0 + self._at((1 - self.alphas_cumprod).sqrt(), t, x0) * noise
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean μ̃_t and (clipped) log variance log β̃_t of q(x_{t-1} | x_t, x_0)."""

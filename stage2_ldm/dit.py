@@ -100,6 +100,8 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
+    """Latents (B, C, H, W), times (B,) and labels (B,) -> predictions (B, C_out, H, W); H = W = input_size."""
+
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  class_dropout: float = 0.1, learn_sigma: bool = True):

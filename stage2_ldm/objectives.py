@@ -26,7 +26,10 @@ from shared.errors import ConfigError
 FLOW_TIME_SCALE = 1000.0
 
 
-def guided(model: nn.Module, labels: torch.Tensor, cfg_scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def guided(model: nn.Module, labels: torch.Tensor, cfg_scale: float) -> ModelFn:
     """model_fn(x, t) of the (unwrapped) network for these labels, through classifier-free guidance if s ≠ 1."""
     if cfg_scale == 1:
         return lambda x, t: model(x, t, labels)
