@@ -101,10 +101,11 @@ def test_round_trip_gives_the_folder_loader_batches(folder, tmp_path):
     manifest = write_shards(folder, tmp_path / "shards", "train", shard_size=4, progress=False)
     urls = shard_paths(manifest, tmp_path / "shards")
     images, labels, skipped = concat(make_image_loader(folder_cfg(folder), "train", 4, train=False))
-    stream_images, stream_labels, stream_skipped = concat(make_image_loader(webdataset_cfg(urls), "train", 4,
-                                                                             train=False))
+    stream = make_image_loader(webdataset_cfg(urls), "train", 4, train=False)
+    stream_images, stream_labels, stream_skipped = concat(stream)
     assert skipped == 1 and stream_skipped == 0  # the broken file is dropped when sharding
     assert torch.equal(stream_labels, labels) and torch.equal(stream_images, images)
+    assert stream.dataset.class_names == ["n01", "n02", "n03"]  # from the manifest beside the shards
 
 
 def test_webdataset_two_workers_cover_every_sample_once(folder, tmp_path):

@@ -179,7 +179,8 @@ class FolderIndex:
             mapped, names = read_class_map(class_map)
             unmapped = [wnid for wnid in self.wnids if wnid not in mapped]
             if unmapped:
-                raise DataError(f"class folders {unmapped[:5]} of {self.split_dir} are not in data.class_map {class_map}")
+                raise DataError(f"class folders {unmapped[:5]} of {self.split_dir} are not in "
+                                f"data.class_map {class_map}")
             self.class_to_index = {wnid: mapped[wnid] for wnid in self.wnids}
         largest = max(self.class_to_index.values())
         self.num_classes = largest + 1 if num_classes is None else int(num_classes)
@@ -204,7 +205,8 @@ class FolderIndex:
 
 
 @functools.lru_cache(maxsize=16)
-def scan_image_folder(root: str, split: str, class_map: str | None = None, num_classes: int | None = None) -> FolderIndex:
+def scan_image_folder(root: str, split: str, class_map: str | None = None,
+                      num_classes: int | None = None) -> FolderIndex:
     """FolderIndex, listed once per process: rebuilding loaders (eval every N steps) does not rescan ImageNet."""
     return FolderIndex(root, split, class_map, num_classes)
 
@@ -276,6 +278,18 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def _class_names_from_manifest(url: str, num_classes: int | None) -> list[str | None] | None:
+    """The wnids of the manifest.json that stage=shards writes beside its shards; None without one."""
+    manifest_path = Path(url).parent / "manifest.json"
+    if num_classes is None or not _is_local(url) or not manifest_path.is_file():
+        return None
+    names: list[str | None] = [None] * num_classes
+    for wnid, index in json.loads(manifest_path.read_text()).get("class_to_index", {}).items():
+        if index < num_classes:
+            names[index] = wnid
+    return names
+
+
 class WebDatasetImages(IterableDataset):
     """Batches read from tar shards holding `<key>.{jpg,png,webp,...}` and `<key>.cls` (written by stage=shards).
 
@@ -284,6 +298,7 @@ class WebDatasetImages(IterableDataset):
     each epoch reshuffles the shard order (same on every rank) and shuffles samples in a buffer of
     `shuffle_buffer`, with random horizontal flips. eval: one ordered pass, the last batch of each worker short.
     Corrupt samples are skipped and counted in "skipped"; unreadable shards are skipped with a warning.
+    class_names: the wnids of the manifest.json beside the shards (stage=shards writes one), else None.
     """
 
     def __init__(self, urls: list[str], resolution: int, batch_size: int, *, train: bool, seed: int = 0,
@@ -294,7 +309,7 @@ class WebDatasetImages(IterableDataset):
         self.urls, self.resolution, self.batch_size = urls, resolution, batch_size
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.random_flip, self.shuffle_buffer = random_flip and train, shuffle_buffer
-        self.num_classes, self.class_names = num_classes, None
+        self.num_classes, self.class_names = num_classes, _class_names_from_manifest(urls[0], num_classes)
 
     def shards_of_rank(self, epoch: int) -> list[str]:
         shards = list(self.urls)
@@ -367,10 +382,11 @@ def _webdataset_loader(data_cfg: DictConfig, split: str, batch_size: int, *, tra
         log.warning("webdataset streams cannot resume exactly: restarting at batch %d with shuffle seed %d + %d",
                     start_batch, seed, start_batch)
         seed += start_batch
+    num_classes = data_cfg.get("num_classes")
     dataset = WebDatasetImages(urls, int(_required(data_cfg, "resolution")), batch_size, train=train, seed=seed,
                                rank=rank, world_size=world_size, random_flip=bool(data_cfg.get("random_flip", True)),
                                shuffle_buffer=int(data_cfg.get("shuffle_buffer", 1000)),
-                               num_classes=data_cfg.get("num_classes"))
+                               num_classes=None if num_classes is None else int(num_classes))
     shards_per_rank = len(dataset.shards_of_rank(0))
     if shards_per_rank < max(num_workers, 1):
         log.warning("rank %d has %d shards for %d loader workers: some workers will idle", rank, shards_per_rank,

@@ -89,22 +89,22 @@ def _rgb(hue: float, saturation: float, value: float) -> np.ndarray:
 def draw_image(label: int, resolution: int, rng: np.random.Generator) -> Image.Image:
     """One resolution × resolution RGB image of class `label`, its variations drawn from `rng`."""
     shape, texture, hue = class_look(label)
-    size = resolution
-    centre = rng.uniform(0.35, 0.65, size=2) * size
-    radius = rng.uniform(0.22, 0.38) * size
+    centre = rng.uniform(0.35, 0.65, size=2) * resolution
+    radius = rng.uniform(0.22, 0.38) * resolution
     angle = rng.uniform(0, 2 * math.pi)
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
 
     # Coverage of the shape in [0, 1], (H, W): polygons drawn at SUPERSAMPLE× and box-filtered down.
-    mask = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    mask = Image.new("L", (resolution * SUPERSAMPLE, resolution * SUPERSAMPLE), 0)
     pen = ImageDraw.Draw(mask)
     for polygon, paint in SHAPES[shape]:
         vertices = (centre + radius * polygon @ rotation.T) * SUPERSAMPLE
         pen.polygon([tuple(p) for p in vertices], fill=255 * paint)
-    coverage = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=float)[..., None] / 255
+    coverage = np.asarray(mask.resize((resolution, resolution), Image.Resampling.BOX), dtype=float)[..., None]
+    coverage /= 255
 
     # Pixel centres in the shape's own frame (u, v) = R^T (xy - centre) / radius, so textures turn with the shape.
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    ys, xs = np.mgrid[0:resolution, 0:resolution] + 0.5
     offsets = np.stack([xs - centre[0], ys - centre[1]], axis=-1) @ rotation / radius
     shade = rng.uniform(-0.03, 0.03)
     light = _rgb(hue + shade, 0.85, 0.95)
@@ -115,7 +115,7 @@ def draw_image(label: int, resolution: int, rng: np.random.Generator) -> Image.I
     # A greyish background with a linear gradient in a random direction, so that the class is in the object only.
     base = _rgb(rng.uniform(0, 1), rng.uniform(0.0, 0.25), rng.uniform(0.2, 0.85))
     direction = rng.normal(size=2)
-    ramp = (np.stack([xs, ys], axis=-1) / size - 0.5) @ (direction / np.linalg.norm(direction))  # (H, W)
+    ramp = (np.stack([xs, ys], axis=-1) / resolution - 0.5) @ (direction / np.linalg.norm(direction))  # (H, W)
     background = np.clip(base * (1 + 0.4 * ramp[..., None]), 0, 1)
 
     pixels = (1 - coverage) * background + coverage * foreground

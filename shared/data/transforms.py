@@ -32,7 +32,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def preprocess(image: Image.Image, resolution: int, flip: bool = False) -> torch.Tensor:
-    """Any PIL image (greyscale, palette, CMYK, RGBA...) → RGB, ADM centre crop, optional flip → (3, R, R) in [-1, 1]."""
+    """Any PIL image (greyscale, palette, CMYK...) → RGB, ADM centre crop, optional flip → (3, R, R) in [-1, 1]."""
     image = center_crop_adm(image.convert("RGB"), resolution)
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
