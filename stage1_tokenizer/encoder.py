@@ -159,7 +159,8 @@ class DiagonalGaussian:
 
     def kl(self) -> torch.Tensor:
         """KL(q ‖ N(0, I)) per image, (B,): ½ Σ_{c,h,w} (μ² + σ² − 1 − log σ²)."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(dim=1)
+        mean, logvar = self.mean.float(), self.logvar.float()  # a sum over many elements: not in bf16
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(dim=1)
 
 
 class Encoder(nn.Module):
