@@ -9,6 +9,7 @@ Statistics files are .npz with `mu` and `sigma` (float64), the layout of ADM's e
 """
 from __future__ import annotations
 
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import scipy.linalg
 import torch
 
 from shared.errors import DataError
+from shared.metrics.inception import load_inception
 
 # Offset added to both covariances when the product is too close to singular for sqrtm (few samples, 2048 dims).
 SQRTM_EPS = 1e-6
@@ -71,7 +73,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                         f"sigma {sigma1.shape} vs {sigma2.shape}")
     mean_term = np.sum((mu1 - mu2) ** 2)
 
-    covariance_sqrt = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # a singular product is handled below, not worth a warning
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covariance_sqrt = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covariance_sqrt).all():
         # S1 S2 is (nearly) singular, e.g. fewer samples than dimensions: regularise both covariances a little.
         offset = np.eye(sigma1.shape[0]) * SQRTM_EPS
@@ -143,3 +147,40 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
         "precision": _fraction_inside_manifold(fake_features, real_features, real_radii, batch_size),
         "recall": _fraction_inside_manifold(real_features, fake_features, fake_radii, batch_size),
     }
+
+
+class InceptionStatistics:
+    """Streams uint8 image batches through the FID Inception into running pool (and sFID) statistics.
+
+    keep_features: also keep the (N, 2048) pool features (float32, CPU) for precision/recall.
+    """
+
+    def __init__(self, device: torch.device | str, spatial: bool = False, keep_features: bool = False):
+        self.device = torch.device(device)
+        self.inception = load_inception(self.device)
+        self.pool = StatisticsAccumulator()
+        self.spatial = StatisticsAccumulator() if spatial else None
+        self._features: list[torch.Tensor] | None = [] if keep_features else None
+
+    @property
+    def count(self) -> int:
+        return self.pool.count
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor) -> None:
+        """images: uint8 (B, 3, H, W)."""
+        images = images.to(self.device)
+        if self.spatial is not None:
+            pool, spatial = self.inception.pool_and_spatial(images)
+            self.spatial.update(spatial)
+        else:
+            pool = self.inception(images)
+        self.pool.update(pool)
+        if self._features is not None:
+            self._features.append(pool.float().cpu())
+
+    def features(self) -> torch.Tensor:
+        """(N, 2048) pool features seen so far."""
+        if self._features is None:
+            raise RuntimeError("features were not kept: construct with keep_features=True")
+        return torch.cat(self._features)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,7 +57,9 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.net = torch.jit.load(str(torchscript_path()), map_location="cpu").net
+        with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format these weights ship in
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(torchscript_path()), map_location="cpu").net
         self.net.eval()
         self.requires_grad_(False)
 

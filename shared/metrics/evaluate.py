@@ -1,0 +1,174 @@
+"""`stage=evaluate`: gFID of generated samples against reference statistics (ADM protocol).
+
+The reference is either an .npz with mu/sigma (ours, or ADM's `VIRTUAL_imagenet256_labeled.npz`, which also carries
+sFID statistics mu_s/sigma_s and its reference images as arr_0) or, when `evaluate.reference` is null, statistics of
+up to `evaluate.reference_images` images of the `data` config's `evaluate.reference_split`, cached under
+`${output_root}/reference_stats/` by a fingerprint of everything that changes them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from shared.errors import DataError
+from shared.metrics.fid import InceptionStatistics, frechet_distance, precision_recall, save_statistics
+from shared.metrics.image_io import open_images
+from shared.metrics.inception import INCEPTION_SCORE_UNAVAILABLE, quantize_to_uint8
+from shared.runtime import setup
+
+# Data keys that change how fast images load, not which images: left out of the cache fingerprint.
+LOADER_ONLY_KEYS = ("num_workers",)
+NPZ_REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "features")
+
+
+def reference_cache_path(data_cfg: DictConfig, split: str, max_images: int | None, cache_dir: str | Path) -> Path:
+    """cache_dir/<kind>-<split>-<R>px-<count>-<hash>.npz, the hash covering the data config, split and count."""
+    data = OmegaConf.to_container(data_cfg, resolve=True)
+    for key in LOADER_ONLY_KEYS:
+        data.pop(key, None)
+    fingerprint = json.dumps({"data": data, "split": split, "max_images": max_images}, sort_keys=True)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    count = "all" if max_images is None else str(max_images)
+    return Path(cache_dir) / f"{data.get('kind', 'data')}-{split}-{data.get('resolution')}px-{count}-{digest}.npz"
+
+
+def _compute_reference(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device,
+                       batch_size: int, progress: bool) -> dict[str, np.ndarray]:
+    from shared.data.images import make_image_loader
+
+    loader = make_image_loader(data_cfg, split, batch_size, train=False)
+    stats = InceptionStatistics(device, spatial=True, keep_features=True)
+    with tqdm(total=max_images, desc=f"reference statistics ({split})", disable=not progress) as bar:
+        for batch in loader:
+            images = batch["image"]
+            if max_images is not None:
+                images = images[: max_images - stats.count]
+            stats.update(quantize_to_uint8(images))  # the reference sees images as saved samples are: uint8
+            bar.update(len(images))
+            if max_images is not None and stats.count >= max_images:
+                break
+    mu, sigma = stats.pool.statistics()
+    mu_s, sigma_s = stats.spatial.statistics()
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
+            "features": stats.features().numpy().astype(np.float32)}
+
+
+def load_reference_cache(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device | str,
+                         cache_dir: str | Path, batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
+    """{"mu", "sigma", "mu_s", "sigma_s", "features"} of the split, computed once and then read from the cache."""
+    path = reference_cache_path(data_cfg, split, max_images, cache_dir)
+    if path.is_file():
+        with np.load(path) as cached:
+            if all(key in cached.files for key in NPZ_REFERENCE_KEYS):
+                return {key: cached[key] for key in NPZ_REFERENCE_KEYS}
+    reference = _compute_reference(data_cfg, split, max_images, torch.device(device), batch_size, progress)
+    save_statistics(path, **reference)
+    return reference
+
+
+def reference_statistics(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device | str,
+                         cache_dir: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the Inception pool features of up to `max_images` images of `split` (cached)."""
+    reference = load_reference_cache(data_cfg, split, max_images, device, cache_dir, batch_size)
+    return reference["mu"], reference["sigma"]
+
+
+def _npz_reference(path: Path, device: torch.device, want_features: bool, batch_size: int,
+                   progress: bool) -> dict[str, np.ndarray]:
+    """The statistics in a reference .npz, plus pool features of its arr_0 images when asked for and present."""
+    try:
+        with np.load(path) as npz:
+            if "mu" not in npz.files or "sigma" not in npz.files:
+                raise DataError(f"evaluate.reference={path} has no mu/sigma (it holds {', '.join(npz.files)})")
+            reference = {key: npz[key] for key in NPZ_REFERENCE_KEYS if key in npz.files}
+            has_images = "arr_0" in npz.files
+    except FileNotFoundError as error:
+        raise DataError(f"evaluate.reference={path} does not exist") from error
+    except (OSError, ValueError) as error:
+        raise DataError(f"evaluate.reference={path} is not a readable .npz: {error}") from error
+    if want_features and "features" not in reference and has_images:
+        reference["features"] = _image_set_statistics(path, device, False, True, batch_size, progress).features()
+    return reference
+
+
+def _image_set_statistics(path: str | Path, device: torch.device, spatial: bool, keep_features: bool,
+                          batch_size: int, progress: bool) -> InceptionStatistics:
+    images = open_images(path)
+    stats = InceptionStatistics(device, spatial=spatial, keep_features=keep_features)
+    for _, batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size),
+                         desc=f"Inception {Path(path).name}", disable=not progress):
+        stats.update(batch)
+    return stats
+
+
+def evaluate_samples(samples_path: str | Path, mu_ref: np.ndarray, sigma_ref: np.ndarray,
+                     device: torch.device | str, batch_size: int = 64, spatial_ref: tuple | None = None,
+                     reference_features: np.ndarray | torch.Tensor | None = None, progress: bool = False) -> dict:
+    """{"fid", "num_samples", "not_computed"} and, given their references, "sfid" and "precision"/"recall".
+
+    spatial_ref: (mu_s, sigma_s) of the reference's sFID features. reference_features: (N, 2048) pool features of
+    reference images, for precision/recall (k = 3).
+    """
+    device = torch.device(device)
+    stats = _image_set_statistics(samples_path, device, spatial=spatial_ref is not None,
+                                  keep_features=reference_features is not None, batch_size=batch_size,
+                                  progress=progress)
+    result = {"fid": frechet_distance(mu_ref, sigma_ref, *stats.pool.statistics()), "num_samples": stats.count,
+              "not_computed": {"inception_score": INCEPTION_SCORE_UNAVAILABLE}}
+    if spatial_ref is not None:
+        result["sfid"] = frechet_distance(*spatial_ref, *stats.spatial.statistics())
+    if reference_features is not None:
+        real = torch.as_tensor(np.asarray(reference_features)).to(device)
+        result.update(precision_recall(real, stats.features().to(device)))
+    return result
+
+
+def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict) -> dict[str, np.ndarray]:
+    settings = cfg.evaluate
+    if settings.reference is not None:
+        reference = _npz_reference(Path(settings.reference), device, settings.precision_recall, settings.batch_size,
+                                   cfg.progress)
+        if settings.sfid and "mu_s" not in reference:
+            not_computed["sfid"] = f"evaluate.reference={settings.reference} has no mu_s/sigma_s"
+        if settings.precision_recall and "features" not in reference:
+            not_computed["precision_recall"] = (f"evaluate.reference={settings.reference} holds neither reference "
+                                                f"images (arr_0) nor features")
+        return reference
+    cache_dir = Path(cfg.output_root) / "reference_stats"
+    return load_reference_cache(cfg.data, settings.reference_split, settings.reference_images, device, cache_dir,
+                                settings.batch_size, cfg.progress)
+
+
+def main(cfg: DictConfig) -> dict:
+    settings = cfg.evaluate
+    if settings.samples is None:
+        raise DataError("evaluate.samples is not set: pass evaluate.samples=PATH (a folder of images or an ADM-layout "
+                        ".npz, e.g. the samples.npz of a stage=sample run)")
+    samples = Path(settings.samples)
+    if not samples.exists():
+        raise DataError(f"evaluate.samples={samples} does not exist")
+    runtime = setup(cfg)
+    not_computed: dict[str, str] = {}
+    reference = _resolve_reference(cfg, runtime.device, not_computed)
+    result = evaluate_samples(
+        samples, reference["mu"], reference["sigma"], runtime.device, batch_size=settings.batch_size,
+        spatial_ref=(reference["mu_s"], reference["sigma_s"]) if settings.sfid and "mu_s" in reference else None,
+        reference_features=reference.get("features") if settings.precision_recall else None,
+        progress=cfg.progress)
+    result["not_computed"].update(not_computed)
+    result = {"samples": str(samples),
+              "reference": str(settings.reference) if settings.reference is not None else
+              f"data.{cfg.data.kind} split={settings.reference_split} images<={settings.reference_images}",
+              **result}
+    (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
+    runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
+    print(json.dumps(result), flush=True)
+    runtime.mark_done()
+    runtime.close()
+    return result
