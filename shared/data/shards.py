@@ -70,12 +70,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_shard(path: Path, samples: list[Sample]) -> None:
-    """Write to a hidden temporary file, then rename: the shard appears complete or not at all."""
+    """Write to a hidden temporary file, flush it to disk, then rename: the shard appears complete or not at all."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, extension, data, label in samples:
-            _add_member(tar, f"{key}.{extension}", data)
-            _add_member(tar, f"{key}.cls", str(label).encode())
+    with open(temporary, "wb") as file:
+        with tarfile.open(fileobj=file, mode="w") as tar:
+            for key, extension, data, label in samples:
+                _add_member(tar, f"{key}.{extension}", data)
+                _add_member(tar, f"{key}.cls", str(label).encode())
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(temporary, path)
 
 
