@@ -145,7 +145,7 @@ def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict
                                 settings.batch_size, cfg.progress)
 
 
-def main(cfg: DictConfig) -> dict:
+def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     settings = cfg.evaluate
     if settings.samples is None:
         raise DataError("evaluate.samples is not set: pass evaluate.samples=PATH (a folder of images or an ADM-layout "
@@ -153,7 +153,7 @@ def main(cfg: DictConfig) -> dict:
     samples = Path(settings.samples)
     if not samples.exists():
         raise DataError(f"evaluate.samples={samples} does not exist")
-    runtime = setup(cfg)
+    runtime = setup(cfg, run_dir=run_dir)
     not_computed: dict[str, str] = {}
     reference = _resolve_reference(cfg, runtime.device, not_computed)
     result = evaluate_samples(
