@@ -93,7 +93,9 @@ def _npz_reference(path: Path, device: torch.device, want_features: bool, batch_
     except (OSError, ValueError) as error:
         raise DataError(f"evaluate.reference={path} is not a readable .npz: {error}") from error
     if want_features and "features" not in reference and has_images:
-        reference["features"] = _image_set_statistics(path, device, False, True, batch_size, progress).features()
+        stats = _image_set_statistics(path, device, spatial=False, keep_features=True, batch_size=batch_size,
+                                      progress=progress)
+        reference["features"] = stats.features().numpy()
     return reference
 
 
@@ -164,7 +166,7 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     result["not_computed"].update(not_computed)
     result = {"samples": str(samples),
               "reference": str(settings.reference) if settings.reference is not None else
-              f"data.{cfg.data.kind} split={settings.reference_split} images<={settings.reference_images}",
+              f"data.{cfg.data.get('kind')} split={settings.reference_split} images<={settings.reference_images}",
               **result}
     (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
     runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
