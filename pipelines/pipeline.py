@@ -101,7 +101,7 @@ class Pipeline:
         self._timed("sample", lambda: sample_to_folder(cfg, self.folder("ldm"), out_dir=self.folder("sample")))
 
     def run_evaluate(self) -> None:
-        if (self.folder("evaluate") / "metrics.json").exists():
+        if (self.folder("evaluate") / "evaluate.json").exists():
             return
         from shared.metrics.evaluate import main as evaluate_main
 
@@ -113,7 +113,7 @@ class Pipeline:
         nfe = self.cfg.decode.nfe
         reconstruction = _read_json(self.folder("reconstruct") / f"metrics_nfe{nfe}.json") or {}
         sampling = _read_json(self.folder("sample") / "metrics.json") or {}
-        evaluation = _read_json(self.folder("evaluate") / "metrics.json") or {}
+        evaluation = _read_json(self.folder("evaluate") / "evaluate.json") or {}
         report = {
             "name": str(self.cfg.name), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "tokenizer": {"kind": self.cfg.tokenizer.kind, "downsample": self.cfg.tokenizer.downsample,

@@ -44,13 +44,12 @@ class TokenizerTraining(TrainModule):
     def __init__(self, objective):
         super().__init__()
         self.objective = objective
-        self.disc_start = objective.loss_cfg.get("disc_start", 0)
 
     def phases(self) -> list[str]:
         return ["generator"] + (["discriminator"] if self.objective.discriminator is not None else [])
 
     def is_active(self, phase: str, step: int) -> bool:
-        return phase == "generator" or step >= self.disc_start
+        return phase == "generator" or self.objective.adversarial_active(step)
 
     def phase_parameters(self, phase: str) -> list[torch.nn.Parameter]:
         network = self.objective.tokenizer if phase == "generator" else self.objective.discriminator

@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from shared import runtime as runtime_lib
 from shared.data.latents import LatentStats
 from shared.errors import ConfigError
-from shared.metrics.image_io import save_image_grid, save_images, write_npz
+from shared.metrics.image_io import open_images, save_image_grid, save_images, write_npz
 from shared.train.checkpoint import load_model_state, resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage2_ldm.objectives import build_objective
@@ -119,11 +118,9 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
     runtime.barrier()
     metrics = {}
     if runtime.is_main:
-        all_images = sorted((runtime.run_dir / "images").glob("*.png"))
-        from PIL import Image
-
-        pixels = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in all_images])
-        write_npz(runtime.run_dir / "samples.npz", pixels, labels=labels.numpy())
+        # Every rank's PNGs, in index order (file names start with the zero-padded index).
+        written = open_images(runtime.run_dir / "images")
+        write_npz(runtime.run_dir / "samples.npz", written.read(0, len(written)), labels=labels)
         save_image_grid(images[:64], runtime.run_dir / "grid.png", nrow=8)
         objective = build_objective(OmegaConf.create(config))
         metrics = {

@@ -16,22 +16,6 @@ from shared.metrics.image_io import open_images, save_images, write_npz
 from shared.metrics.image_quality import psnr
 
 
-def frechet_distance_by_eigh(mu1, sigma1, mu2, sigma2) -> float:
-    """FID with Tr sqrt(S1 S2) = Σ sqrt(λ(S1^½ S2 S1^½)) from symmetric eigensolvers: the same number as the sqrtm
-    route (tested in test_metrics_fid.py) in ~1 s instead of ~20 s for 2048 dims on one CPU core."""
-    values, vectors = np.linalg.eigh(sigma1)
-    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
-                 - 2 * np.sum(np.sqrt(np.clip(inner, 0, None))))
-
-
-@pytest.fixture
-def fast_fid(monkeypatch):
-    monkeypatch.setattr(compare, "frechet_distance", frechet_distance_by_eigh)
-    monkeypatch.setattr(evaluate, "frechet_distance", frechet_distance_by_eigh)
-
-
 def random_images(count: int, size: int, seed: int) -> torch.Tensor:
     return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
@@ -47,7 +31,6 @@ def image_folders(tmp_path, count: int = 4, size: int = 32):
 
 
 # ------------------------------------------------------------------------------------------ stage=metrics
-@pytest.mark.slow  # the real 2048-d sqrtm: ~20 s on one idle CPU core, minutes on a loaded one
 def test_stage_metrics_prints_one_json_line_with_fid_psnr_ssim_lpips(tmp_path):
     real, fake = image_folders(tmp_path)
     result = run_cli("stage=metrics", f"real={real}", f"fake={fake}", "device=cpu", "wandb.mode=disabled",
@@ -62,7 +45,7 @@ def test_stage_metrics_prints_one_json_line_with_fid_psnr_ssim_lpips(tmp_path):
     assert metrics["psnr"] == pytest.approx(expected_psnr)
 
 
-def test_metrics_main_prints_exactly_one_json_line(tmp_path, fast_fid, capsys):
+def test_metrics_main_prints_exactly_one_json_line(tmp_path, capsys):
     real, fake = image_folders(tmp_path, count=3)
     cfg = load_config(["stage=metrics", f"real={real}", f"fake={fake}", "device=cpu", "lpips_net=alex"], tmp_path)
     returned = compare.main(cfg)
@@ -72,7 +55,7 @@ def test_metrics_main_prints_exactly_one_json_line(tmp_path, fast_fid, capsys):
     assert {"fid", "psnr", "ssim", "lpips"} <= set(printed) and printed["fid"] == pytest.approx(returned["fid"])
 
 
-def test_compare_images_without_matching_names_gives_fid_only(tmp_path, fast_fid):
+def test_compare_images_without_matching_names_gives_fid_only(tmp_path):
     save_images(random_images(3, 32, seed=2), tmp_path / "a", ["x", "y", "z"])
     write_npz(tmp_path / "b.npz", random_images(4, 48, seed=3))  # other names and size: fine for FID
     result = compare.compare_images(tmp_path / "a", tmp_path / "b.npz", "cpu")
@@ -80,7 +63,7 @@ def test_compare_images_without_matching_names_gives_fid_only(tmp_path, fast_fid
     assert result["num_real"] == 3 and result["num_fake"] == 4 and result["fid"] > 0
 
 
-def test_compare_images_of_a_set_with_itself_is_perfect(tmp_path, fast_fid):
+def test_compare_images_of_a_set_with_itself_is_perfect(tmp_path):
     real, _ = image_folders(tmp_path, count=3)
     result = compare.compare_images(real, real, "cpu", lpips_net="alex")
     assert abs(result["fid"]) < 1e-3

@@ -9,21 +9,15 @@ Statistics files are .npz with `mu` and `sigma` (float64), the layout of ADM's e
 """
 from __future__ import annotations
 
-import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
 from shared.errors import DataError
 from shared.metrics.inception import load_inception
 
-# Offset added to both covariances when the product is too close to singular for sqrtm (few samples, 2048 dims).
-SQRTM_EPS = 1e-6
-# sqrtm of a product of PSD matrices is real up to rounding; a larger imaginary part means broken statistics.
-IMAGINARY_TOLERANCE = 1e-3
 
 
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -65,28 +59,26 @@ class StatisticsAccumulator:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """|mu1 - mu2|² + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64."""
+    """|mu1 - mu2|² + Tr(S1) + Tr(S2) - 2 Tr(sqrtm(S1 S2)), in float64.
+
+    S1 S2 is not symmetric, but it is similar to the symmetric PSD matrix M = S1^½ S2 S1^½, so
+    Tr(sqrtm(S1 S2)) = Σ sqrt(λ_i(M)). Two symmetric eigendecompositions give that trace exactly (up to float
+    rounding, which only makes tiny eigenvalues slightly negative: they are clipped to 0) and about ten times
+    faster than scipy.linalg.sqrtm at 2048 dimensions, without its complex-valued detours.
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise DataError(f"FID statistics of different dimensions: mu {mu1.shape} vs {mu2.shape}, "
                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all()):
+        raise ValueError("FID statistics contain NaN or inf")
     mean_term = np.sum((mu1 - mu2) ** 2)
-
-    with warnings.catch_warnings():  # a singular product is handled below, not worth a warning
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covariance_sqrt = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covariance_sqrt).all():
-        # S1 S2 is (nearly) singular, e.g. fewer samples than dimensions: regularise both covariances a little.
-        offset = np.eye(sigma1.shape[0]) * SQRTM_EPS
-        covariance_sqrt = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covariance_sqrt):
-        largest_imaginary = np.max(np.abs(covariance_sqrt.imag))
-        if not np.allclose(np.diagonal(covariance_sqrt).imag, 0, atol=IMAGINARY_TOLERANCE):
-            raise ValueError(f"sqrtm(S1 S2) has an imaginary component of {largest_imaginary:.3g}; "
-                             f"the covariances are not valid statistics")
-        covariance_sqrt = covariance_sqrt.real
-    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covariance_sqrt))
+    eigenvalues, eigenvectors = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    sigma1_sqrt = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    product = sigma1_sqrt @ sigma2 @ sigma1_sqrt
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((product + product.T) / 2), 0, None)).sum()
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra: np.ndarray) -> Path:
