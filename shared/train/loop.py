@@ -221,7 +221,6 @@ class _DeepSpeedBackend:
             "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
             "warmup_type": "linear"}})
         ds_config["bf16"] = {"enabled": runtime.autocast_dtype == torch.bfloat16}
-        ds_config.setdefault("train_micro_batch_size_per_gpu", ds_config.pop("_micro_batch", 1))
         if ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
             raise ConfigError("ZeRO stage 3 shards the weights; use stage 0-2 so checkpoints load without DeepSpeed")
         self.module = module
@@ -253,7 +252,11 @@ class _DeepSpeedBackend:
         self.engine.save_checkpoint(str(checkpoint_dir / "deepspeed"), tag=f"step_{step:09d}")
 
     def load_state_dict(self, state: dict, checkpoint_dir: Path, step: int) -> None:
-        self.engine.load_checkpoint(str(checkpoint_dir / "deepspeed"), tag=f"step_{step:09d}")
+        tag = f"step_{step:09d}"
+        if not (checkpoint_dir / "deepspeed" / tag).is_dir():
+            raise ConfigError(f"the checkpoint of step {step} in {checkpoint_dir} was written without DeepSpeed (no "
+                              f"deepspeed/{tag}); resume it with the launcher that wrote it, or start a new name=...")
+        self.engine.load_checkpoint(str(checkpoint_dir / "deepspeed"), tag=tag)
 
 
 @dataclass
