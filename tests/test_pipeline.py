@@ -1,0 +1,30 @@
+"""The main job: `stage=pipeline experiment=smoke` (shortened), its report, and resuming by rerunning it."""
+import json
+
+from tests.helpers import run_cli
+
+SHORT = ["stage=pipeline", "experiment=smoke", "data.train_size=128", "data.val_size=32", "tokenizer.train.steps=20",
+         "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=10", "tokenizer.train.ckpt_every=10",
+         "ldm.train.steps=20", "ldm.train.batch_size=16", "ldm.train.sample_every=10", "ldm.train.ckpt_every=10",
+         "reconstruct.num_images=32", "sample.num_per_class=3", "sample.steps=5", "decode.nfe=1",
+         "evaluate.reference_images=64", "wandb.mode=disabled", "progress=false"]
+
+
+def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
+    run_cli(*SHORT, f"output_root={tmp_path}")
+    root = tmp_path / "pipeline" / "smoke"
+    report = json.loads((root / "report.json").read_text())
+    assert report["reconstruction"]["rfid"] > 0 and report["reconstruction"]["psnr"] > 0
+    assert report["reconstruction"]["num_images"] == 32 and report["reconstruction"]["decoder_nfe"] == 1
+    assert report["generation"]["gfid"] > 0 and report["generation"]["num_samples"] == 30
+    assert report["generation"]["steps"] == 5 and report["generation"]["sampler"] == "ddpm"
+    assert all(report["throughput_images_per_s"][part] > 0 for part in ("ldm", "decode", "total"))
+    assert set(report["wall_seconds"]) == {"tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate"}
+    assert "| gFID |" in (root / "report.md").read_text()
+    for grid in ("tokenizer/samples/recon_0000020.png", "ldm/samples/step_0000020.png", "sample/grid.png",
+                 "reconstruct/reconstructions_nfe1.png"):
+        assert (root / grid).is_file(), grid
+
+    again = run_cli(*SHORT, f"output_root={tmp_path}")  # every step's output exists: nothing is redone
+    assert "INFO stage=" not in again.stderr
+    assert json.loads((root / "report.json").read_text())["wall_seconds"] == report["wall_seconds"]
