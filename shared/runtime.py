@@ -10,15 +10,19 @@ import datetime
 import json
 import logging
 import os
+import random
 import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+from shared.errors import ConfigError
 
 # Keys that do not change what a run computes: a rerun that differs only in these resumes the same run.
 NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root")
@@ -46,6 +50,13 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
     if spec == "bf16":
         return torch.bfloat16
     raise SystemExit(f"precision={spec!r} is not one of auto, fp32, bf16")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (torch's default seed differs in every process)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _free_port() -> int:
@@ -179,16 +190,20 @@ def _check_writable(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise SystemExit(f"The output folder {run_dir} is not writable: {error.strerror}. Set output_root=... "
-                         f"to a folder you can write to.") from error
+        raise ConfigError(f"the output folder {run_dir} is not writable ({error.strerror}): set output_root=... "
+                          f"to a folder you can write to") from error
 
 
 def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False) -> Runtime:
     """Device, precision, process group and run folder for one stage.
 
-    run_dir: where this stage writes; default ${output_root}/${stage}/${name}. With `resume`, the newest unfinished
-    run of the same config is reused, so rerunning a training command continues it.
+    run_dir: where this stage writes; default ${output_root}/${stage}/${name}. With `resume`, an existing folder of
+    that name is reused, else the newest unfinished run of the same config (names default to the date and time),
+    so rerunning a training command continues it.
     """
+    if cfg.launcher.kind != "deepspeed" and cfg.launcher.get("config"):
+        raise ConfigError(f"launcher.config={cfg.launcher.config} is a DeepSpeed option but launcher="
+                          f"{cfg.launcher.kind}; use launcher=deepspeed or drop launcher.config")
     device = resolve_device(cfg.device)
     autocast_dtype = resolve_precision(cfg.precision, device)
     if cfg.launcher.kind in ("ddp", "deepspeed"):
@@ -203,7 +218,11 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     if rank == 0:
         if run_dir is None:
             stage_dir = Path(cfg.output_root) / cfg.stage
-            run_dir = (find_resumable_run(stage_dir, cfg) if resume else None) or stage_dir / str(cfg.name)
+            named = stage_dir / str(cfg.name)
+            if resume and not (named / "config.yaml").is_file():  # a rerun with the same name= goes to its folder
+                run_dir = find_resumable_run(stage_dir, cfg) or named
+            else:
+                run_dir = named
         run_dir = Path(run_dir)
         _check_writable(run_dir)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -212,6 +231,9 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
         dist.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
 
+    # Stages build their networks right after setup: the same seed on every rank and in every run makes the initial
+    # weights a function of the config, so two runs of one command compute the same thing.
+    seed_everything(cfg.seed)
     log = _setup_logging(run_dir, rank == 0)
     runtime = Runtime(cfg=cfg, device=device, autocast_dtype=autocast_dtype, run_dir=run_dir, rank=rank,
                       world_size=world_size, log=log)

@@ -79,6 +79,10 @@ class CheckpointDir:
 
     def save(self, state: dict, step: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A writer killed mid-write leaves its temporary file (never read: it has no step_*.pt name); a
+        # checkpoint can be gigabytes, so the next save removes it.
+        for leftover in self.directory.glob(".step_*.pt.*.tmp"):
+            leftover.unlink(missing_ok=True)
         path = self.path(step)
         atomic_save(state, path)
         for old in self.steps()[: -self.keep]:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from shared.errors import ConfigError
-from shared.runtime import Runtime
+from shared.errors import ConfigError, UserError
+from shared.runtime import Runtime, seed_everything
 from shared.train.checkpoint import CheckpointDir, load_checkpoint
 from shared.train.ema import EMA
 
@@ -70,8 +70,8 @@ class LoopConfig:
     optim: dict[str, OptimConfig] = field(default_factory=dict)
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(UserError):
+    """Too many non-finite steps in a row: the learning rate or the data are the user's to fix."""
 
 
 class Preempted(SystemExit):
@@ -276,9 +276,7 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
     so that inference can rebuild the networks from the checkpoint alone.
     """
     module.to(runtime.device)
-    torch.manual_seed(runtime.cfg.seed + runtime.rank)
-    np.random.seed(runtime.cfg.seed + runtime.rank)
-    random.seed(runtime.cfg.seed + runtime.rank)
+    seed_everything(runtime.cfg.seed + runtime.rank)  # each rank draws its own noise
     backend = (_DeepSpeedBackend(runtime, module, loop, deepspeed_config) if deepspeed_config is not None
                else _LocalBackend(runtime, module, loop))
     ema_name, ema_source = next(iter(module.networks().items()))
@@ -316,7 +314,10 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
         runtime.log.info("checkpoint %s", path)
         return path
 
-    batches = make_batches(start_step)
+    # A DataLoader draws its workers' base seed from torch's generator when iterated: built outside the training
+    # stream, it would otherwise shift every later draw of a resumed run against the uninterrupted one.
+    with torch.random.fork_rng(devices=[]):
+        batches = make_batches(start_step)
     window = {"losses": {}, "count": 0, "time": time.perf_counter()}
     bar = tqdm(total=loop.steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
@@ -342,6 +343,9 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
                 runtime.log.warning("step %d: non-finite loss or gradient, update skipped: %s", step,
                                     json.dumps(failed))
                 if counters["nonfinite_in_row"] >= loop.max_nonfinite:
+                    # The skipped steps wrote no metrics row: record the counters before stopping.
+                    runtime.log_metrics(step, {"nonfinite_steps": counters["nonfinite_steps"],
+                                               "skipped_images": counters["skipped_images"]})
                     save(step)
                     raise NonFiniteError(
                         f"{counters['nonfinite_in_row']} steps in a row ended non-finite (last at step {step}; "
