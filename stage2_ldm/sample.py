@@ -58,6 +58,12 @@ def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: f
     stats = LatentStats.from_dict(config["latent_stats"])
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
     images, seconds = [], {"ldm": 0.0, "decode": 0.0}
+    # One untimed small batch first: lazy initialisation (kernels, allocator, thread pools) is not throughput.
+    warmup_labels = labels[: min(4, len(labels))].to(device)
+    with autocast():
+        warm = objective.sample(dit, torch.randn(len(warmup_labels), *latent_shape, device=device), warmup_labels,
+                                cfg_scale=cfg_scale, sampler=sampler, steps=steps)
+        tokenizer.decode(stats.denormalize(warm.float()), nfe=nfe)
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
         batch_labels = labels[start : start + batch_size].to(device)
         noise = torch.randn(len(batch_labels), *latent_shape, device=device)
