@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shared import runtime as runtime_lib
-from shared.data.images import build_image_dataset, make_image_loader
+from shared.data.images import make_image_loader
 from shared.errors import ConfigError
 from shared.metrics.image_io import save_image_grid
 from shared.train.loop import TrainModule, train
@@ -68,11 +68,11 @@ class TokenizerTraining(TrainModule):
 
 
 def preview_images(data_cfg: DictConfig, count: int) -> torch.Tensor:
-    """The first `count` readable validation images, (count, 3, H, W): the same ones in every grid of a run."""
-    dataset = build_image_dataset(data_cfg, "val")
-    items = [dataset[i] for i in range(min(len(dataset), 4 * count))]
-    images = [item["image"] for item in items if item is not None][:count]
-    return torch.stack(images)
+    """The first `count` readable validation images, (count, 3, H, W): the same ones in every grid of a run.
+    A webdataset without validation shards previews the start of its training stream."""
+    split = "train" if data_cfg.kind == "webdataset" and not data_cfg.get("val_urls") else "val"
+    batch = next(iter(make_image_loader(data_cfg, split, count, train=False, num_workers=0)))
+    return batch["image"]
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """stage=cache: encode a data set once into latent shards (each image and its horizontal flip) + channel statistics.
 
-    python pipelines/run.py stage=cache tokenizer.checkpoint=PATH/checkpoints/latest.pt data=imagefolder ...
+    python pipelines/run.py stage=cache tokenizer.checkpoint=outputs/tokenizer/RUN data=imagefolder ...
 
 Shard k holds the data-set indices [k·shard_size, (k+1)·shard_size); with several processes, rank r encodes the
 shards k ≡ r (mod world_size). Finished shards are never re-encoded, so an interrupted run resumes by running it
@@ -217,7 +217,7 @@ def main(cfg: DictConfig) -> None:
     checkpoint = cfg.tokenizer.get("checkpoint")
     if not checkpoint:
         raise ConfigError("tokenizer.checkpoint is null: stage=cache encodes with a trained tokenizer; set "
-                          "tokenizer.checkpoint=<run of stage=tokenizer>/checkpoints/latest.pt")
+                          "tokenizer.checkpoint=<run folder of stage=tokenizer, or a checkpoint file>")
     splits = list(cfg.cache.splits)
     if not splits:
         raise ConfigError("cache.splits is empty: name the splits to cache, e.g. cache.splits=[train]")

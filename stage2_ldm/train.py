@@ -84,8 +84,6 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
               on_sample=None) -> Path:
     """Train (or resume) the DiT on the latent cache at `cache_dir` (default cfg.cache.dir); returns the final
     checkpoint. `on_sample(step, ema_dit, model_config, run_dir)` draws preview grids (stage2_ldm/sample.py)."""
-    if cfg.launcher.kind == "local" and cfg.launcher.get("config"):
-        raise ConfigError("launcher.config is a DeepSpeed option; use launcher=deepspeed")
     cache_dir = Path(cache_dir or cfg.cache.dir)
     tokenizer_checkpoint = cfg.tokenizer.get("checkpoint")
     expected_fingerprint = None

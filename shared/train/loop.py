@@ -326,6 +326,10 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
         for step in range(start_step, loop.steps):
             batch = _to_device(next(batches), runtime.device)
             counters["skipped_images"] += int(batch.pop("skipped", 0))
+            if not any(torch.is_tensor(v) and len(v) > 0 for v in batch.values()):
+                runtime.log.warning("step %d: every image of the batch was unreadable; no update", step)
+                bar.update(1)
+                continue
             step_logs, failed = {}, {}
             for phase in module.phases():
                 if not module.is_active(phase, step):
