@@ -1,0 +1,36 @@
+"""stage=bench in quick mode: one run produces every section with positive numbers and equivalent models."""
+from __future__ import annotations
+
+import json
+
+from tests.helpers import run_cli
+
+SECTIONS = ("DiT train step", "DiT sampling step", "DiT sampling of", "SD-VAE encode", "SD-VAE decode",
+            "ε-VAE decode NFE 1", "ε-VAE decode NFE 2", "ε-VAE decode NFE 3", "Loader: cached latents",
+            "FID Inception features")
+
+
+def test_quick_bench_reports_every_section_with_equivalent_models(tmp_path):
+    run_cli("stage=bench", "bench.quick=true", "wandb.mode=disabled", f"output_root={tmp_path}",
+            f"bench.out={tmp_path / 'copy' / 'bench'}", timeout=120)
+    (run_dir,) = (tmp_path / "bench").iterdir()
+    report = json.loads((run_dir / "bench.json").read_text())
+    assert (tmp_path / "copy" / "bench.md").read_text().startswith("# Speed benchmark")
+    assert json.loads((tmp_path / "copy" / "bench.json").read_text())["rows"] == report["rows"]
+
+    names = [row["name"] for row in report["rows"]]
+    for section in SECTIONS:
+        assert sum(name.startswith(section) for name in names) == 1, section
+    for row in report["rows"]:
+        assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] > 0, row
+        if not row["name"].startswith("Loader"):
+            assert row["ours_flops"] > 0 and row["theirs_flops"] > 0, row
+            assert row["ours_flops_fraction"] > 0 and row["theirs_flops_fraction"] > 0, row
+    assert report["matmul"]["flops_per_second"] > 0
+    assert {"cpu", "cores", "torch", "threads"} <= report["machine"].keys()
+
+    dit = report["params"]["dit"]
+    assert abs(dit["ours"] - dit["theirs"]) <= 0.01 * dit["theirs"]
+    vae = report["params"]["sd_vae"]
+    for part in ("encoder", "decoder"):
+        assert abs(vae["ours"][part] - vae["theirs"][part]) <= 0.03 * vae["theirs"][part]
