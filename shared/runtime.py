@@ -59,6 +59,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that wall-clock timings measure it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

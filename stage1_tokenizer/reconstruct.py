@@ -17,20 +17,16 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from shared import runtime as runtime_lib
+from shared.runtime import synchronize
 from shared.data.images import make_image_loader
 from shared.errors import ConfigError
 from shared.metrics.fid import StatisticsAccumulator, frechet_distance
-from shared.metrics.image_io import save_image_grid
+from shared.metrics.image_io import save_comparison_grid
 from shared.metrics.image_quality import psnr, ssim
 from shared.metrics.inception import load_inception, quantize_to_uint8
 from shared.metrics.lpips import LPIPS
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -50,11 +46,11 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
             images = images[: num_images - count]
         with autocast():
             latents = tokenizer.encode(images).mode()
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         with autocast():
             reconstructions = tokenizer.decode(latents, nfe=nfe)
-        _synchronize(device)
+        synchronize(device)
         decode_seconds += time.perf_counter() - began
         reconstructions = reconstructions.float().clamp(-1, 1)
         real_stats.update(inception(quantize_to_uint8(images)))
@@ -70,13 +66,8 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
             break
     bar.close()
     if grid_path is not None and grid:
-        grid = grid[:grid_images]
-        columns = min(8, len(grid))
-        rows = []
-        for start in range(0, len(grid), columns):
-            chunk = grid[start : start + columns]
-            rows += [torch.stack([real for real, _ in chunk]), torch.stack([fake for _, fake in chunk])]
-        save_image_grid(torch.cat(rows), grid_path, nrow=columns)
+        originals, reconstructions = (torch.stack(images) for images in zip(*grid[:grid_images]))
+        save_comparison_grid(originals, reconstructions, grid_path)
     return {"rfid": frechet_distance(*real_stats.statistics(), *fake_stats.statistics()),
             **{name: total / count for name, total in sums.items()},
             "decode_images_per_s": count / decode_seconds, "num_images": count, "decoder_nfe": nfe,

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from shared import runtime as runtime_lib
 from shared.data.images import make_image_loader
 from shared.errors import ConfigError
-from shared.metrics.image_io import save_image_grid
+from shared.metrics.image_io import save_comparison_grid
 from shared.train.loop import TrainModule, train
 from shared.train.setup import loop_config, optim_config
 from stage1_tokenizer.objective import build_objective
@@ -77,14 +77,9 @@ def preview_images(data_cfg: DictConfig, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_grid(tokenizer, images: torch.Tensor, nfe: int, path: Path) -> None:
-    """Originals (odd rows) above their reconstructions (even rows)."""
     tokenizer.eval()
     reconstructions = tokenizer.decode(tokenizer.encode(images).mode(), nfe=nfe)
-    columns = min(8, len(images))
-    rows = []
-    for start in range(0, len(images), columns):
-        rows += [images[start : start + columns], reconstructions[start : start + columns]]
-    save_image_grid(torch.cat(rows), path, nrow=columns)
+    save_comparison_grid(images, reconstructions, path)
 
 
 def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from shared import runtime as runtime_lib
+from shared.runtime import synchronize
 from shared.data.latents import LatentStats
 from shared.errors import ConfigError
 from shared.metrics.image_io import open_images, save_image_grid, save_images, write_npz
@@ -45,11 +46,6 @@ def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(sample_cfg.num_per_class)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: float, sampler: str | None,
              steps: int | None, nfe: int, batch_size: int, device: torch.device, autocast, progress: bool = False):
@@ -67,16 +63,16 @@ def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: f
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
         batch_labels = labels[start : start + batch_size].to(device)
         noise = torch.randn(len(batch_labels), *latent_shape, device=device)
-        _synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         with autocast():
             latents = objective.sample(dit, noise, batch_labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps)
-        _synchronize(device)
+        synchronize(device)
         seconds["ldm"] += time.perf_counter() - began
         began = time.perf_counter()
         with autocast():
             decoded = tokenizer.decode(stats.denormalize(latents.float()), nfe=nfe)
-        _synchronize(device)
+        synchronize(device)
         seconds["decode"] += time.perf_counter() - began
         images.append(decoded.float().clamp(-1, 1).cpu())
     return torch.cat(images), seconds

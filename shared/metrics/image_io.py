@@ -243,3 +243,18 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
     return path
+
+
+def save_comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path,
+                         columns: int = 8) -> Path:
+    """Originals and their reconstructions, (B, 3, H, W) each: every row of originals sits above its
+    reconstructions, `columns` images per row."""
+    columns = min(columns, len(originals))
+    rows = []
+    for start in range(0, len(originals), columns):
+        rows += [originals[start : start + columns], reconstructions[start : start + columns]]
+    if len(rows[-1]) < columns:  # pad the last pair of rows so each image stays above its reconstruction
+        pad = columns - len(rows[-1])
+        rows[-2] = torch.cat([rows[-2], torch.full_like(rows[-2][:1], -1).expand(pad, -1, -1, -1)])
+        rows[-1] = torch.cat([rows[-1], torch.full_like(rows[-1][:1], -1).expand(pad, -1, -1, -1)])
+    return save_image_grid(torch.cat(rows), path, nrow=columns)
