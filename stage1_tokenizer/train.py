@@ -88,6 +88,8 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
     train_cfg = cfg.tokenizer.train
     objective = build_objective(cfg.tokenizer)
+    if cfg.compile:
+        objective.tokenizer.compile()  # in place: checkpoints keep the plain module's parameter names
     module = TokenizerTraining(objective)
     optim = {"generator": optim_config(train_cfg)}
     if "discriminator" in module.phases():

@@ -98,7 +98,7 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
     config = model_config(cfg, cache, tokenizer_checkpoint)
     dit = build_from_model_config(config)
     if cfg.compile:
-        dit = torch.compile(dit)
+        dit.compile()  # in place: parameter names, and so checkpoints, stay those of the plain module
     module = LatentDiffusionTraining(dit, build_objective(cfg.ldm), cache.stats)
     runtime.log.info("DiT: %.2fM parameters on %d latents of shape %s", sum(p.numel() for p in dit.parameters()) / 1e6,
                      len(cache), cache.latent_shape)
