@@ -99,7 +99,8 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
 def test_sample_stage_writes_pngs_grid_npz_and_throughput(trained):
     cfg = load_config(["stage=ldm", *TINY, f"tokenizer.checkpoint={trained['tokenizer']}"], output_root=trained["root"])
     checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm")
-    result = run_cli("stage=sample", *TINY, f"ldm.checkpoint={checkpoint.parent.parent}", "sample.num_per_class=2",
+    result = run_cli("stage=sample", *TINY, f"ldm.checkpoint={checkpoint.parent.parent}",
+                     f"tokenizer.checkpoint={trained['tokenizer']}", "sample.num_per_class=2",
                      f"output_root={trained['root']}", "name=sampled", "wandb.mode=disabled", "progress=false")
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["num_samples"] == 20 and metrics["steps"] == 4 and metrics["decoder_nfe"] == 1
