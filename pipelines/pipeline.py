@@ -4,6 +4,8 @@
 
 Everything goes under ${output_root}/pipeline/${name}/, one folder per step. A step whose output exists is
 skipped, so rerunning the command resumes (training steps also resume inside themselves from their checkpoints).
+The folder keeps the config it was made with: rerunning it with a different config is refused, since skipping a
+finished step would then report results of settings the command no longer asks for.
 The report (report.md, report.json) states the settings behind every number.
 """
 from __future__ import annotations
@@ -32,6 +34,14 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _differences(old, new, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [difference for key in sorted(set(old) | set(new), key=str)
+                for difference in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
 class Pipeline:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
@@ -41,6 +51,24 @@ class Pipeline:
             raise ConfigError(f"pipeline.steps has unknown steps {sorted(unknown)}; choose from {list(STEPS)}")
         self.steps = [step for step in STEPS if step in cfg.pipeline.steps]
         self.seconds: dict[str, float] = _read_json(self.root / "seconds.json") or {}
+
+    def check_config(self) -> None:
+        """Record the config of a new pipeline folder; refuse to continue one made with a different config."""
+        from shared.runtime import config_fingerprint
+
+        path = self.root / "pipeline_config.yaml"
+        wanted = config_fingerprint(self.cfg)
+        wanted.pop("pipeline", None)  # which steps run may change between invocations
+        if path.is_file():
+            recorded = OmegaConf.to_container(OmegaConf.load(path))
+            changed = _differences(recorded, wanted)
+            if changed:
+                shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
+                raise ConfigError(f"{self.root} was made with a different config ({shown}): choose a new name= "
+                                  f"or delete that folder")
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(wanted), path)
 
     def folder(self, step: str) -> Path:
         return self.root / step
@@ -109,6 +137,13 @@ class Pipeline:
                                  "stage": "evaluate"})
         self._timed("evaluate", lambda: evaluate_main(cfg, run_dir=self.folder("evaluate")))
 
+    def run(self) -> dict:
+        """Every configured step (finished ones are skipped), then the report."""
+        self.check_config()
+        for step in self.steps:
+            getattr(self, f"run_{step}")()
+        return self.report()
+
     def report(self) -> dict:
         nfe = self.cfg.decode.nfe
         reconstruction = _read_json(self.folder("reconstruct") / f"metrics_nfe{nfe}.json") or {}
@@ -168,9 +203,6 @@ def render_markdown(report: dict) -> str:
 
 def main(cfg: DictConfig) -> dict:
     pipeline = Pipeline(cfg)
-    pipeline.root.mkdir(parents=True, exist_ok=True)
-    for step in pipeline.steps:
-        getattr(pipeline, f"run_{step}")()
-    report = pipeline.report()
+    report = pipeline.run()
     print((pipeline.root / "report.md").read_text())
     return report

@@ -184,10 +184,7 @@ def main(argv: list[str]) -> None:
         cfg = run_config(preset, label, entry, extra)
         print(f"== {entry['label']}: {compression(cfg)} ({cfg.name})", flush=True)
         pipeline = Pipeline(cfg)
-        pipeline.root.mkdir(parents=True, exist_ok=True)
-        for step in pipeline.steps:
-            getattr(pipeline, f"run_{step}")()
-        report = pipeline.report()
+        report = pipeline.run()
         sweep = nfe_sweep(cfg, pipeline, preset.get("nfe_sweep", [cfg.decode.nfe]))
         rows.append(row_of(entry, cfg, report, sweep))
         for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),

@@ -28,3 +28,13 @@ def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
     again = run_cli(*SHORT, f"output_root={tmp_path}")  # every step's output exists: nothing is redone
     assert "INFO stage=" not in again.stderr
     assert json.loads((root / "report.json").read_text())["wall_seconds"] == report["wall_seconds"]
+
+
+def test_a_pipeline_folder_refuses_a_rerun_with_a_different_config(tmp_path):
+    # Only the steps before tokenizer training run, so the refusal is reached in seconds.
+    first = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]")
+    assert (tmp_path / "pipeline" / "smoke" / "pipeline_config.yaml").is_file(), first.stderr
+    changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "tokenizer.train.steps=21", check=False)
+    assert changed.returncode != 0
+    assert "different config" in changed.stderr and "tokenizer.train.steps: 20 -> 21" in changed.stderr
+    assert "Traceback" not in changed.stderr
