@@ -38,13 +38,28 @@ from shared.errors import ConfigError  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 
+def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
+    """`base` Hydra overrides with those whose key appears in `changes` replaced, then the new ones appended."""
+    changed = {override.split("=", 1)[0] for override in changes}
+    return [override for override in base if override.split("=", 1)[0] not in changed] + changes
+
+
 def load_preset(name: str) -> dict:
-    """configs/reproduce/<name>.yaml, or a preset file given by its path."""
+    """configs/reproduce/<name>.yaml, or a preset file given by its path.
+
+    A preset may name a `base` preset: it then takes everything from it, its own `common` overrides replacing
+    the base's overrides of the same keys, and its other keys replacing the base's.
+    """
     path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / "reproduce" / f"{name}.yaml"
     if not path.is_file():
         presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"no reproduction preset {name!r} (configs/reproduce/{name}.yaml); choose from {presets}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if "base" not in preset:
+        return preset
+    base = load_preset(preset.pop("base"))
+    common = merge_overrides(base.get("common", []), preset.pop("common", []))
+    return {**base, **preset, "common": common}
 
 
 def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str]):

@@ -12,13 +12,25 @@ def row(slug, gfid, total, rfid_by_nfe):
             "rfid_by_nfe": rfid_by_nfe, "generation_settings": {"num_samples": 10}, "wall_seconds": {"ldm": 1.0}}
 
 
-@pytest.mark.parametrize("name", ["mini", "paper"])
+@pytest.mark.parametrize("name", ["mini", "mini_long", "paper"])
 def test_presets_name_four_tokenizers_and_the_claim_rows(name):
     preset = reproduce.load_preset(name)
     slugs = [entry["slug"] for entry in preset["tokenizers"]]
     assert len(slugs) == len(set(slugs)) >= 4
     for claim in preset["claims"].values():
         assert claim["baseline"] in slugs and claim["ours"] in slugs
+
+
+def test_a_preset_with_a_base_replaces_only_the_overrides_it_names(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: mini\ncommon: [tokenizer.train.steps=7, sample.cfg_scale=2.0]\nnfe_sweep: [1]\n")
+    base, preset = reproduce.load_preset("mini"), reproduce.load_preset(str(child))
+    assert preset["tokenizers"] == base["tokenizers"] and preset["claims"] == base["claims"]
+    assert preset["nfe_sweep"] == [1]
+    assert [o for o in preset["common"] if o.startswith("tokenizer.train.steps=")] == ["tokenizer.train.steps=7"]
+    assert "sample.cfg_scale=2.0" in preset["common"]
+    untouched = [o for o in base["common"] if not o.startswith("tokenizer.train.steps=")]
+    assert [o for o in preset["common"] if o in untouched] == untouched
 
 
 def test_unknown_preset_is_a_config_error():
