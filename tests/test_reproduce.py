@@ -3,6 +3,7 @@ import pytest
 
 from pipelines import reproduce
 from shared.errors import ConfigError
+from tests.helpers import load_config
 
 
 def row(slug, gfid, total, rfid_by_nfe):
@@ -60,3 +61,14 @@ def test_table_and_plots_are_written(tmp_path):
     assert "| EPS8 | f8×4 (4×8×8) | 6.0 / 5.0 / 4.0 |" in table and "-25.0%" in table
     reproduce.plot(rows, tmp_path)
     assert (tmp_path / "gfid_vs_throughput.png").stat().st_size > 0 and (tmp_path / "rfid_vs_nfe.png").is_file()
+
+
+def test_real_data_floor_takes_as_many_real_images_per_class_as_the_samples(tmp_path):
+    cfg = load_config(["experiment=smoke", "device=cpu", "data.val_size=50", "sample.num_per_class=3",
+                       "evaluate.reference_images=40", "evaluate.batch_size=16"], tmp_path)
+    floor = reproduce.real_data_floor(cfg)
+    assert floor["num_images"] == 3 * cfg.data.num_classes
+    assert floor["fid"] > 0
+    assert (tmp_path / "reference_stats").is_dir()  # the reference is the evaluate stage's cached one
+    meta = {"preset": "t", "command": "c", "machine": "m", "date": "d", "wall_minutes": 1.0, "compute_minutes": 1.0}
+    assert f"score FID {floor['fid']:.1f}" in reproduce.render_table([], {}, meta, floor)
