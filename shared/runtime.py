@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.errors import ConfigError
 
@@ -101,19 +101,24 @@ def config_fingerprint(cfg: DictConfig) -> dict:
 
 
 def find_resumable_run(stage_dir: Path, cfg: DictConfig) -> Path | None:
-    """The newest unfinished run in `stage_dir` whose config equals `cfg` up to NON_SEMANTIC_KEYS."""
+    """The newest unfinished run in `stage_dir` whose config equals `cfg` up to NON_SEMANTIC_KEYS.
+
+    Each run is compared with `cfg` given that run's name, since paths such as cache.dir derive from ${name}.
+    """
     if not stage_dir.is_dir():
         return None
-    wanted = config_fingerprint(cfg)
     candidates = sorted((p for p in stage_dir.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime)
     for run in reversed(candidates):
         if (run / "DONE").exists():
             continue
         try:
-            previous = config_fingerprint(OmegaConf.load(run / "config.yaml"))
+            previous = OmegaConf.load(run / "config.yaml")
         except Exception:  # an unreadable config is simply not a match
             continue
-        if previous == wanted:
+        as_named = cfg.copy()
+        with open_dict(as_named):
+            as_named.name = previous.get("name")
+        if config_fingerprint(previous) == config_fingerprint(as_named):
             return run
     return None
 
@@ -203,9 +208,9 @@ def _check_writable(run_dir: Path) -> None:
 def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = False) -> Runtime:
     """Device, precision, process group and run folder for one stage.
 
-    run_dir: where this stage writes; default ${output_root}/${stage}/${name}. With `resume`, an existing folder of
-    that name is reused, else the newest unfinished run of the same config (names default to the date and time),
-    so rerunning a training command continues it.
+    run_dir: where this stage writes; default ${output_root}/${stage}/${name}. With `resume`, a run given a name=
+    goes to (and continues) that folder; a run left with the default name (the date and time, new on every
+    invocation) continues the newest unfinished run of the same config, so rerunning a training command continues it.
     """
     if cfg.launcher.kind != "deepspeed" and cfg.launcher.get("config"):
         raise ConfigError(f"launcher.config={cfg.launcher.config} is a DeepSpeed option but launcher="
@@ -225,7 +230,7 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
         if run_dir is None:
             stage_dir = Path(cfg.output_root) / cfg.stage
             named = stage_dir / str(cfg.name)
-            if resume and not (named / "config.yaml").is_file():  # a rerun with the same name= goes to its folder
+            if resume and OmegaConf.is_interpolation(cfg, "name"):  # the default ${now:...}, not a chosen name
                 run_dir = find_resumable_run(stage_dir, cfg) or named
             else:
                 run_dir = named

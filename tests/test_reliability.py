@@ -190,6 +190,16 @@ def test_rerun_with_a_name_continues_that_run_even_beside_a_newer_one(tmp_path):
     assert newer.run_dir != first.run_dir and again.run_dir == first.run_dir
 
 
+def test_rerun_without_a_name_continues_the_unfinished_run_of_the_same_config(tmp_path):
+    unfinished = runtime_lib.setup(load_config(["stage=ldm", "name=unfinished"], tmp_path), resume=True)
+    unfinished.close()
+    rerun = runtime_lib.setup(load_config(["stage=ldm"], tmp_path), resume=True)  # name: the date and time
+    rerun.close()
+    other = runtime_lib.setup(load_config(["stage=ldm", "ldm.train.lr=0.5"], tmp_path), resume=True)
+    other.close()
+    assert rerun.run_dir == unfinished.run_dir and other.run_dir != unfinished.run_dir
+
+
 # ------------------------------------------------------------------------------------------- impossible configs
 def test_deepspeed_options_without_deepspeed_are_refused(tmp_path):
     with pytest.raises(Exception, match=r"Could not override 'launcher.config'"):  # Hydra: not a key of local
