@@ -96,7 +96,8 @@ class TokenizerObjective(nn.Module):
             return estimate, terms, DiscriminatorBatch(images, estimate.detach())
         tokenizer: DiffusionTokenizer = self.tokenizer
         t = self.sample_time(images.shape[0], images.device)
-        noise = torch.randn_like(images)
+        # Drawn in the logical (B, C, H, W) order whatever the memory layout, so channels_last draws the same noise.
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype)
         x_t = interpolate(tokenizer.gamma * images, noise, t)
         velocity = tokenizer.velocity(x_t, t, tokenizer.condition(z))
         estimate = tokenizer.estimate_image(x_t, t, velocity)

@@ -88,6 +88,8 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
     train_cfg = cfg.tokenizer.train
     objective = build_objective(cfg.tokenizer)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    objective.to(memory_format=memory_format)
     if cfg.compile:
         objective.tokenizer.compile()  # in place: checkpoints keep the plain module's parameter names
     module = TokenizerTraining(objective)
@@ -97,9 +99,11 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     loop = loop_config(train_cfg, optim)
 
     def make_batches(start_step: int):
-        return iter(make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
-                                      rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
-                                      pin_memory=runtime.device.type == "cuda"))
+        loader = make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
+                                   rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
+                                   pin_memory=runtime.device.type == "cuda")
+        # Converted once per batch on the host: the loop's device transfer keeps the layout.
+        return ({**batch, "image": batch["image"].contiguous(memory_format=memory_format)} for batch in loader)
 
     preview = preview_images(cfg.data, cfg.reconstruct.grid_images).to(runtime.device)
 

@@ -271,3 +271,15 @@ def test_failed_checkpoint_write_is_an_error_and_keeps_the_last_good_one(tmp_pat
     monkeypatch.undo()
     assert checkpoints.steps() == [1] and checkpoints.load_latest()["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt"]  # no temporary file left
+
+
+def test_channels_last_training_computes_what_contiguous_training_does(tmp_path):
+    from stage1_tokenizer.train import train_tokenizer
+
+    steps = ("tokenizer.train.steps=3", "tokenizer.train.ckpt_every=2", "tokenizer.loss.disc_start=1")
+    contiguous = train_tokenizer(tokenizer_cfg(tmp_path, "name=contiguous", *steps)).parents[1]
+    channels_last = train_tokenizer(tokenizer_cfg(tmp_path, "name=nhwc", "channels_last=true", *steps)).parents[1]
+    for plain, nhwc in zip(metric_rows(contiguous), metric_rows(channels_last), strict=True):
+        for key in ("loss/velocity", "loss/lpips", "loss/adversarial", "disc/loss"):
+            if key in plain:
+                assert nhwc[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
