@@ -60,7 +60,8 @@ class Pipeline:
         wanted = config_fingerprint(self.cfg)
         wanted.pop("pipeline", None)  # which steps run may change between invocations
         if path.is_file():
-            recorded = OmegaConf.to_container(OmegaConf.load(path))
+            recorded = config_fingerprint(OmegaConf.load(path))  # older records may hold newer non-semantic keys
+            recorded.pop("pipeline", None)
             changed = _differences(recorded, wanted)
             if changed:
                 shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
