@@ -18,7 +18,7 @@ from tqdm import tqdm
 from shared import runtime as runtime_lib
 from shared.runtime import synchronize
 from shared.data.latents import LatentStats
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.metrics.image_io import open_images, save_image_grid, save_images, write_npz
 from shared.train.checkpoint import load_model_state, resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
@@ -87,6 +87,10 @@ def _tokenizer_for(cfg: DictConfig, config: dict, device: torch.device):
     path = cfg.tokenizer.get("checkpoint") or config.get("tokenizer_checkpoint")
     if not path:
         raise ConfigError("no tokenizer to decode with: set tokenizer.checkpoint=<stage=tokenizer run or file>")
+    recorded = config.get("tokenizer_checkpoint")
+    if not Path(path).exists() and recorded and Path(recorded).exists():
+        raise DataError(f"tokenizer.checkpoint={path} does not exist; the DiT was trained on latents of "
+                        f"{recorded}: pass tokenizer.checkpoint={recorded}")
     return load_tokenizer(resolve_checkpoint(path), device, use_ema=bool(cfg.decode.use_ema))
 
 

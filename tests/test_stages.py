@@ -99,6 +99,10 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
 def test_sample_stage_writes_pngs_grid_npz_and_throughput(trained):
     cfg = load_config(["stage=ldm", *TINY, f"tokenizer.checkpoint={trained['tokenizer']}"], output_root=trained["root"])
     checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm")
+    # The smoke preset's by-name tokenizer (tokenizer/sampled) does not exist: the error names the DiT's own.
+    wrong = run_cli("stage=sample", *TINY, f"ldm.checkpoint={checkpoint.parent.parent}", f"output_root={trained['root']}",
+                    "name=sampled", "progress=false", check=False)
+    assert wrong.returncode != 0 and f"pass tokenizer.checkpoint={trained['tokenizer']}" in wrong.stderr
     result = run_cli("stage=sample", *TINY, f"ldm.checkpoint={checkpoint.parent.parent}",
                      f"tokenizer.checkpoint={trained['tokenizer']}", "sample.num_per_class=2",
                      f"output_root={trained['root']}", "name=sampled", "wandb.mode=disabled", "progress=false")
