@@ -34,6 +34,16 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _fingerprint(cfg: DictConfig) -> dict:
+    """What a pipeline folder's results depend on: the config without its non-semantic keys (older records may
+    hold keys that are non-semantic now) and without pipeline.steps, which may change between invocations."""
+    from shared.runtime import config_fingerprint
+
+    fingerprint = config_fingerprint(cfg)
+    fingerprint.pop("pipeline", None)
+    return fingerprint
+
+
 def _differences(old, new, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -54,15 +64,10 @@ class Pipeline:
 
     def check_config(self) -> None:
         """Record the config of a new pipeline folder; refuse to continue one made with a different config."""
-        from shared.runtime import config_fingerprint
-
         path = self.root / "pipeline_config.yaml"
-        wanted = config_fingerprint(self.cfg)
-        wanted.pop("pipeline", None)  # which steps run may change between invocations
+        wanted = _fingerprint(self.cfg)
         if path.is_file():
-            recorded = config_fingerprint(OmegaConf.load(path))  # older records may hold newer non-semantic keys
-            recorded.pop("pipeline", None)
-            changed = _differences(recorded, wanted)
+            changed = _differences(_fingerprint(OmegaConf.load(path)), wanted)
             if changed:
                 shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
                 raise ConfigError(f"{self.root} was made with a different config ({shown}): choose a new name= "

@@ -85,8 +85,6 @@ def real_data_floor(cfg) -> dict:
     """The gFID a perfect generator would get here: real validation images, as many per class as the samples,
     against the same reference. FID is biased upward at small sample counts, so the table's gFIDs are read
     against this floor, not against zero."""
-    import numpy as np
-
     from shared.data.images import make_image_loader
     from shared.metrics.evaluate import reference_statistics
     from shared.metrics.fid import InceptionStatistics, frechet_distance
@@ -107,7 +105,7 @@ def real_data_floor(cfg) -> dict:
                 taken[label] = taken.get(label, 0) + 1
                 keep.append(position)
         if keep:
-            stats.update(quantize_to_uint8(batch["image"][np.array(keep)]))
+            stats.update(quantize_to_uint8(batch["image"][keep]))
     return {"fid": frechet_distance(mu_ref, sigma_ref, *stats.pool.statistics()), "num_images": stats.count,
             "images": f"data.{cfg.data.kind} split=val, up to {per_class} per class"}
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.errors import ConfigError
 
-# Keys that do not change what a run computes: a rerun that differs only in these resumes the same run.
-# Keys that change how a run is shown, stored or laid out in memory, not what it computes.
+# Keys that change how a run is shown, stored or laid out in memory, not what it computes: a rerun that differs
+# only in these resumes the same run.
 NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last")
 
 

@@ -84,10 +84,10 @@ def throughput(count: int, seconds: dict) -> dict:
 
 
 def _tokenizer_for(cfg: DictConfig, config: dict, device: torch.device):
-    path = cfg.tokenizer.get("checkpoint") or config.get("tokenizer_checkpoint")
+    recorded = config.get("tokenizer_checkpoint")  # the tokenizer whose latents the DiT was trained on
+    path = cfg.tokenizer.get("checkpoint") or recorded
     if not path:
         raise ConfigError("no tokenizer to decode with: set tokenizer.checkpoint=<stage=tokenizer run or file>")
-    recorded = config.get("tokenizer_checkpoint")
     if not Path(path).exists() and recorded and Path(recorded).exists():
         raise DataError(f"tokenizer.checkpoint={path} does not exist; the DiT was trained on latents of "
                         f"{recorded}: pass tokenizer.checkpoint={recorded}")
