@@ -164,11 +164,14 @@ class Pipeline:
                     "patch_size": self.cfg.ldm.patch_size, "objective": self.cfg.ldm.objective,
                     "train_steps": self.cfg.ldm.train.steps},
             "reconstruction": {key: reconstruction.get(key) for key in
-                               ("rfid", "psnr", "ssim", "lpips", "decode_images_per_s", "num_images", "decoder_nfe")},
-            "generation": {"gfid": evaluation.get("fid"), "num_samples": sampling.get("num_samples"),
+                               ("rfid", "rfid_std", "rfid_ci95", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips",
+                                "lpips_ci95", "decode_images_per_s", "num_images", "decoder_nfe", "subset")},
+            "generation": {"gfid": evaluation.get("fid"), "gfid_std": evaluation.get("fid_std"),
+                           "gfid_ci95": evaluation.get("fid_ci95"), "num_samples": sampling.get("num_samples"),
                            "sampler": sampling.get("sampler"), "steps": sampling.get("steps"),
                            "cfg_scale": sampling.get("cfg_scale"), "decoder_nfe": sampling.get("decoder_nfe"),
-                           "reference": evaluation.get("reference")},
+                           "reference": evaluation.get("reference"),
+                           "bootstrap_resamples": evaluation.get("bootstrap_resamples")},
             "throughput_images_per_s": sampling.get("images_per_s"),
             "sample_batch_size": sampling.get("batch_size"),
             "wall_seconds": self.seconds,
@@ -182,26 +185,49 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _with_interval(value, interval, digits: int = 3) -> str:
+    """'12.3 [11.0, 13.6]', or the value alone where no interval was measured."""
+    if interval is None:
+        return _fmt(value, digits)
+    return f"{_fmt(value, digits)} [{_fmt(interval[0], digits)}, {_fmt(interval[1], digits)}]"
+
+
+def _described(subset: dict | None) -> str:
+    if not subset:
+        return "n/a"
+    chosen = f"{subset['images']} of {subset['of']} {subset['split']} images"
+    return chosen if subset["selection"] == "all" else f"{chosen}, {subset['selection']} (seed {subset['seed']})"
+
+
 def render_markdown(report: dict) -> str:
     rec, gen, speed = report["reconstruction"], report["generation"], report["throughput_images_per_s"] or {}
     tok, ldm = report["tokenizer"], report["ldm"]
+    ranges = speed.get("range", {})
+    spread = lambda part: "" if part not in ranges else f" [{ranges[part][0]:.3g}, {ranges[part][1]:.3g}]"
     lines = [
         f"# Pipeline report: {report['name']}", "",
         f"Data: {report['data'].get('kind')} at {report['data'].get('resolution')} px. "
         f"Tokenizer: {tok['kind']} f{tok['downsample']} × {tok['latent_channels']} channels, "
         f"{tok['train_steps']} steps. DiT: depth {ldm['depth']}, width {ldm['hidden_size']}, patch "
         f"{ldm['patch_size']}, {ldm['objective']} objective, {ldm['train_steps']} steps.", "",
+        "Brackets: 95% intervals (FID: ± 1.96 bootstrap standard deviations over the images; PSNR/SSIM/LPIPS: Student t "
+        "over the images; images/s: the range over the timed batches).", "",
         "| metric | value | settings |", "|---|---|---|",
-        f"| rFID | {_fmt(rec['rfid'])} | {rec['num_images']} images, decoder NFE {rec['decoder_nfe']} |",
-        f"| PSNR (dB) | {_fmt(rec['psnr'])} | same |",
-        f"| SSIM | {_fmt(rec['ssim'])} | same |",
-        f"| LPIPS | {_fmt(rec['lpips'])} | same |",
-        f"| gFID | {_fmt(gen['gfid'])} | {gen['num_samples']} samples, {gen['sampler']} {gen['steps']} steps, "
-        f"CFG {gen['cfg_scale']}, decoder NFE {gen['decoder_nfe']}, reference: {gen['reference']} |",
-        f"| images/s, DiT sampling | {_fmt(speed.get('ldm'))} | batch {report['sample_batch_size']} |",
-        f"| images/s, decoding | {_fmt(speed.get('decode'))} | same |",
-        f"| images/s, whole chain | {_fmt(speed.get('total'))} | same |",
+        f"| rFID | {_with_interval(rec['rfid'], rec.get('rfid_ci95'))} | {_described(rec.get('subset'))}, decoder "
+        f"NFE {rec['decoder_nfe']} |",
+        f"| PSNR (dB) | {_with_interval(rec['psnr'], rec.get('psnr_ci95'))} | same |",
+        f"| SSIM | {_with_interval(rec['ssim'], rec.get('ssim_ci95'))} | same |",
+        f"| LPIPS | {_with_interval(rec['lpips'], rec.get('lpips_ci95'))} | same |",
+        f"| gFID | {_with_interval(gen['gfid'], gen.get('gfid_ci95'))} | {gen['num_samples']} samples, "
+        f"{gen['sampler']} {gen['steps']} steps, CFG {gen['cfg_scale']}, decoder NFE {gen['decoder_nfe']}, "
+        f"reference: {gen['reference']} |",
+        f"| images/s, DiT sampling | {_fmt(speed.get('ldm'))}{spread('ldm')} | batch {report['sample_batch_size']}, "
+        f"median of {speed.get('timed_batches', 'n/a')} batches |",
+        f"| images/s, decoding | {_fmt(speed.get('decode'))}{spread('decode')} | same |",
+        f"| images/s, whole chain | {_fmt(speed.get('total'))}{spread('total')} | same |",
         f"| tokenizer decode images/s (reconstruction) | {_fmt(rec['decode_images_per_s'])} | |", "",
+        f"Reconstructions (originals above): ![reconstructions](reconstruct/reconstructions_nfe{rec['decoder_nfe']}.png)",
+        "", "Samples (one row per class): ![samples](sample/grid.png)", "",
         "Wall time per step (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_seconds"].items()), "",
     ]
     return "\n".join(lines)

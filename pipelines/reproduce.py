@@ -6,8 +6,9 @@
 For every tokenizer of `configs/reproduce/<preset>.yaml` it runs the main job (stage=pipeline: train the tokenizer,
 measure reconstructions, cache latents, train the DiT, sample, decode, evaluate), plus reconstructions at every
 decoder NFE of the sweep. Then it writes to `results/<preset>/`: the Table-4-style table (table.md, results.json),
-the paper's two claims computed from the rows the preset names, and plots (gFID vs throughput, rFID vs decoder NFE,
-sample and reconstruction grids). Everything resumes: rerun the same command after an interruption.
+the paper's claims on the rows the preset names, each with the 95% interval of its difference and a computed
+verdict (reproduced / contradicted / inconclusive), the real-data FID floor, and plots (gFID vs throughput, rFID
+vs decoder NFE, sample and reconstruction grids). Everything resumes: rerun the same command after an interruption.
 Extra `key=value` arguments are Hydra overrides applied to every run.
 """
 from __future__ import annotations
@@ -28,12 +29,14 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import pipelines.run  # noqa: E402,F401  (registers the ${repo_root:} resolver)
 from pipelines.pipeline import Pipeline  # noqa: E402
+from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -82,113 +85,205 @@ def nfe_sweep(cfg, pipeline: Pipeline, nfes: list[int]) -> dict[int, dict]:
 
 
 def real_data_floor(cfg) -> dict:
-    """The gFID a perfect generator would get here: real validation images, as many per class as the samples,
-    against the same reference. FID is biased upward at small sample counts, so the table's gFIDs are read
-    against this floor, not against zero."""
+    """The gFID a perfect generator would get here: as many real validation images as there are samples (a
+    class-stratified subset), against the same reference, with its bootstrap spread. FID is biased upward at small
+    sample counts, so the table's gFIDs are read against this floor, not against zero."""
     from shared.data.images import make_image_loader
-    from shared.metrics.evaluate import reference_statistics
-    from shared.metrics.fid import InceptionStatistics, frechet_distance
+    from shared.data.subsets import evaluation_subset
+    from shared.metrics.evaluate import load_reference_cache
+    from shared.metrics.fid import InceptionStatistics
+    from shared.metrics.fid_bootstrap import FrechetBootstrap
     from shared.metrics.inception import quantize_to_uint8
     from shared.runtime import resolve_device
 
     device = resolve_device(cfg.device)
     settings = cfg.evaluate
-    mu_ref, sigma_ref = reference_statistics(cfg.data, settings.reference_split, settings.reference_images, device,
-                                             Path(cfg.output_root) / "reference_stats", settings.batch_size)
-    per_class = cfg.sample.num_per_class
-    taken: dict[int, int] = {}
-    stats = InceptionStatistics(device)
-    for batch in make_image_loader(cfg.data, "val", settings.batch_size, train=False):
-        keep = []
-        for position, label in enumerate(batch["label"].tolist()):
-            if taken.get(label, 0) < per_class:
-                taken[label] = taken.get(label, 0) + 1
-                keep.append(position)
-        if keep:
-            stats.update(quantize_to_uint8(batch["image"][keep]))
-    return {"fid": frechet_distance(mu_ref, sigma_ref, *stats.pool.statistics()), "num_images": stats.count,
-            "images": f"data.{cfg.data.kind} split=val, up to {per_class} per class"}
+    reference = load_reference_cache(cfg.data, settings.reference_split, settings.reference_images,
+                                     settings.subset_seed, device, Path(cfg.output_root) / "reference_stats",
+                                     settings.batch_size)
+    num_classes = len(build_image_dataset(cfg.data, "val").class_names)
+    subset = evaluation_subset(cfg.data, "val", cfg.sample.num_per_class * num_classes, settings.subset_seed)
+    stats = InceptionStatistics(device, keep_features=True)
+    for batch in make_image_loader(cfg.data, "val", settings.batch_size, train=False, indices=subset.indices):
+        stats.update(quantize_to_uint8(batch["image"]))
+    spread = FrechetBootstrap(stats.features(), reference=(reference["mu"], reference["sigma"]),
+                              device=device).spread(settings.bootstrap, settings.subset_seed)
+    return {"fid": spread["fid"], "fid_std": spread["std"], "fid_ci95": spread["ci95"], "num_images": stats.count,
+            "subset": {**subset.record(), "images": stats.count}, "reference": reference["subset"]}
 
 
 def compression(cfg) -> str:
     return f"f{cfg.tokenizer.downsample}×{cfg.tokenizer.latent_channels}"
 
 
-def row_of(entry: dict, cfg, report: dict, sweep: dict[int, dict]) -> dict:
+def row_of(entry: dict, cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict]) -> dict:
+    from shared.metrics.evaluate import SAMPLE_FEATURES
+    from stage1_tokenizer.reconstruct import per_image_path
+
+    reconstruction, generation = report["reconstruction"], report["generation"]
+    evaluation = json.loads((pipeline.folder("evaluate") / "evaluate.json").read_text())
     return {"label": entry["label"], "slug": entry["slug"], "tokenizer": entry["tokenizer"],
             "kind": cfg.tokenizer.kind, "compression": compression(cfg),
             "latent_shape": [cfg.tokenizer.latent_channels, cfg.data.resolution // cfg.tokenizer.downsample,
                              cfg.data.resolution // cfg.tokenizer.downsample],
-            "gfid": report["generation"]["gfid"], "rfid": report["reconstruction"]["rfid"],
-            "psnr": report["reconstruction"]["psnr"], "lpips": report["reconstruction"]["lpips"],
+            **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "lpips", "lpips_ci95")},
+            "gfid": generation["gfid"], "gfid_ci95": generation["gfid_ci95"],
             "images_per_s": report["throughput_images_per_s"],
             "rfid_by_nfe": {str(nfe): result["rfid"] for nfe, result in sweep.items()},
+            "rfid_ci95_by_nfe": {str(nfe): result["rfid_ci95"] for nfe, result in sweep.items()},
             "psnr_by_nfe": {str(nfe): result["psnr"] for nfe, result in sweep.items()},
-            "generation_settings": report["generation"], "wall_seconds": report["wall_seconds"]}
+            "generation_settings": generation, "reconstruction_subset": reconstruction["subset"],
+            "wall_seconds": report["wall_seconds"],
+            # What the claims are computed from: per-image reconstruction metrics and features, sample features.
+            "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe)),
+                      "sample_features": str(pipeline.folder("evaluate") / SAMPLE_FEATURES),
+                      "reference": evaluation["reference_path"]}}
 
 
-def claims(rows: dict[str, dict], spec: dict) -> dict:
-    """The paper's two claims, computed from the rows the preset names (never chosen after the fact)."""
+# The paper's direction for each compared quantity (ours − baseline): what "reproduced" means.
+PAPER_DIRECTION = {"gfid": "lower", "rfid": "lower", "psnr": "higher", "lpips": "lower", "throughput": "higher"}
+
+
+def _paired_per_image(ours: dict, base: dict) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
+    ours_file, base_file = np.load(ours["files"]["per_image"]), np.load(base["files"]["per_image"])
+    if not np.array_equal(ours_file["index"], base_file["index"]):
+        raise ConfigError(f"{ours['label']} and {base['label']} were reconstructed on different images: give them "
+                          f"the same reconstruct.num_images and evaluate.subset_seed")
+    return ours_file, base_file
+
+
+def compare(ours: dict, base: dict, metrics: list[str], resamples: int, seed: int) -> dict[str, dict]:
+    """{metric: {"estimate", "ci95"}} of ours − baseline (throughput: ours / baseline) for each of `metrics`.
+
+    rfid/psnr/lpips: paired on the same validation images (the same bootstrap resamples; a t-interval of the
+    per-image differences). gfid: independent bootstrap resamples of the two sample sets against their common
+    reference. throughput: the ratio of medians, with the widest ratio of the two ranges over timed batches.
+    """
+    from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
+    from shared.metrics.intervals import mean_interval
+
     result = {}
-    equal = spec.get("equal_compression")
-    if equal and equal["baseline"] in rows and equal["ours"] in rows:
-        base, ours = rows[equal["baseline"]], rows[equal["ours"]]
-        result["equal_compression"] = {
-            "baseline": base["label"], "ours": ours["label"],
-            "gfid_relative_change": (ours["gfid"] - base["gfid"]) / base["gfid"],
-            "paper": "f8: SD-VAE 11.63 → ε-VAE (M) 9.39 / (H) 8.85, i.e. −19% / −24% (\"22% better\")"}
-    speed = spec.get("speedup")
-    if speed and speed["baseline"] in rows and speed["ours"] in rows:
-        base, ours = rows[speed["baseline"]], rows[speed["ours"]]
-        result["speedup"] = {
-            "baseline": base["label"], "ours": ours["label"],
-            "throughput_ratio": ours["images_per_s"]["total"] / base["images_per_s"]["total"],
-            "gfid_baseline": base["gfid"], "gfid_ours": ours["gfid"],
-            "equal_or_better_gfid": ours["gfid"] <= base["gfid"],
-            "paper": "ε-VAE (M) f16 1192 img/1000s at gFID 10.68 vs SD-VAE f8 522 at 11.63: 2.3× faster, better gFID"}
+    if {"rfid", "psnr", "lpips"} & set(metrics):
+        ours_file, base_file = _paired_per_image(ours, base)
+        for metric in ("psnr", "lpips"):
+            if metric in metrics:
+                interval = mean_interval(ours_file[metric] - base_file[metric])
+                result[metric] = {"estimate": interval["mean"], "ci95": interval["ci95"]}
+        if "rfid" in metrics:
+            fids = [FrechetBootstrap(f["fake_features"], real=f["real_features"]) for f in (ours_file, base_file)]
+            change = difference(*fids, paired=True, resamples=resamples, seed=seed)
+            result["rfid"] = {"estimate": change["difference"], "ci95": change["ci95"]}
+    if "gfid" in metrics:
+        if ours["files"]["reference"] != base["files"]["reference"]:
+            raise ConfigError(f"{ours['label']} and {base['label']} were evaluated against different references")
+        with np.load(base["files"]["reference"]) as reference:
+            statistics = (reference["mu"], reference["sigma"])
+        fids = [FrechetBootstrap(np.load(row["files"]["sample_features"]), reference=statistics)
+                for row in (ours, base)]
+        change = difference(*fids, paired=False, resamples=resamples, seed=seed)
+        result["gfid"] = {"estimate": change["difference"], "ci95": change["ci95"]}
+    if "throughput" in metrics:
+        ours_speed, base_speed = ours["images_per_s"], base["images_per_s"]
+        ours_range, base_range = ours_speed["range"]["total"], base_speed["range"]["total"]
+        result["throughput"] = {"estimate": ours_speed["total"] / base_speed["total"],
+                                "ci95": [ours_range[0] / base_range[1], ours_range[1] / base_range[0]]}
     return result
 
 
-def render_table(rows: list[dict], claim: dict, meta: dict, floor: dict | None = None) -> str:
+def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 0) -> list[dict]:
+    """The paper's claims on the rows the preset names (chosen before any result), each with the interval of its
+    difference and the verdict of shared.metrics.intervals.verdict: never written by hand."""
+    from shared.metrics.intervals import verdict
+
+    plan = [("equal_compression", ["rfid", "psnr", "lpips", "gfid"], PAPER["equal_compression"]),
+            ("speedup", ["throughput", "gfid"], PAPER["speedup"])]
+    result = []
+    for name, metrics, paper in plan:
+        roles = spec.get(name)
+        if not roles or roles["baseline"] not in rows or roles["ours"] not in rows:
+            continue
+        ours, base = rows[roles["ours"]], rows[roles["baseline"]]
+        for metric, measured in compare(ours, base, metrics, resamples, seed).items():
+            # A ratio is compared with 1, a difference with 0.
+            offset = 1.0 if metric == "throughput" else 0.0
+            interval = None if measured["ci95"] is None else [bound - offset for bound in measured["ci95"]]
+            result.append({"claim": name, "metric": metric, "ours": ours["label"], "baseline": base["label"],
+                           **measured, "paper": paper[metric], "paper_direction": PAPER_DIRECTION[metric],
+                           "verdict": verdict(interval, PAPER_DIRECTION[metric])})
+    return result
+
+
+# The paper's numbers behind each claim (SPEC.md, ImageNet 256 px).
+PAPER = {
+    "equal_compression": {"rfid": "f8: SD-VAE 0.74 → ε-VAE (M) 0.47", "psnr": "f8: 25.68 → 27.65 dB",
+                          "lpips": "not reported", "gfid": "f8: SD-VAE 11.63 → ε-VAE (M) 9.39 (−19%)"},
+    "speedup": {"throughput": "ε-VAE (M) f16 1192 vs SD-VAE f8 522 images/1000 s: 2.28×",
+                "gfid": "ε-VAE (M) f16 10.68 vs SD-VAE f8 11.63"},
+}
+
+
+def _interval(value, interval, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
     lines = [f"# Reproduction: {meta['preset']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}; {meta['compute_minutes']:.1f} min in the pipeline steps "
              f"({meta['wall_minutes']:.1f} min in the last invocation, NFE sweep included)", "",
-             "| tokenizer | latent | rFID (NFE 1 / 2 / 3) | PSNR | LPIPS | gFID | images/s: DiT / decode / end-to-end |",
-             "|---|---|---|---|---|---|---|"]
+             "Brackets are 95% intervals: FID ± 1.96 bootstrap standard deviations over the images, PSNR/LPIPS "
+             "Student t over the images, images/s the range over the timed batches.", "",
+             "| tokenizer | latent | rFID (NFE 1 / 2 / 3) | rFID | PSNR | LPIPS | gFID | images/s: DiT / decode / "
+             "end-to-end |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         rfid = " / ".join(f"{value:.1f}" for value in row["rfid_by_nfe"].values())
         speed = row["images_per_s"]
         lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | {rfid} | "
-                     f"{row['psnr']:.2f} | {row['lpips']:.3f} | {row['gfid']:.1f} | "
-                     f"{speed['ldm']:.1f} / {speed['decode']:.1f} / {speed['total']:.1f} |")
+                     f"{_interval(row['rfid'], row['rfid_ci95'])} | {_interval(row['psnr'], row['psnr_ci95'], 2)} | "
+                     f"{_interval(row['lpips'], row['lpips_ci95'], 3)} | {_interval(row['gfid'], row['gfid_ci95'])} | "
+                     f"{speed['ldm']:.1f} / {speed['decode']:.1f} / "
+                     f"{_interval(speed['total'], speed['range']['total'])} |")
     settings = rows[0]["generation_settings"] if rows else {}
-    lines += ["", f"gFID: {settings.get('num_samples')} samples, {settings.get('sampler')} "
+    subset = rows[0]["reconstruction_subset"] if rows else {}
+    lines += ["", f"Reconstruction: {subset.get('images')} of {subset.get('of')} {subset.get('split')} images "
+                  f"({subset.get('selection')}), the same images for every tokenizer; rFID/PSNR/LPIPS at the "
+                  f"pipeline's decoder NFE. gFID: {settings.get('num_samples')} samples, {settings.get('sampler')} "
                   f"{settings.get('steps')} steps, CFG {settings.get('cfg_scale')}, decoder NFE "
-                  f"{settings.get('decoder_nfe')}, reference {settings.get('reference')}. rFID in the PSNR/LPIPS "
-                  f"columns at the pipeline's decoder NFE.", ""]
+                  f"{settings.get('decoder_nfe')}, reference {settings.get('reference')}.", ""]
     if floor:
-        lines += [f"Floor: {floor['num_images']} real images ({floor['images']}) score FID {floor['fid']:.1f} against "
-                  f"the same reference; that is the best gFID possible at this sample count.", ""]
-    if "equal_compression" in claim:
-        c = claim["equal_compression"]
-        lines.append(f"- Equal compression: {c['ours']} vs {c['baseline']}: gFID change "
-                     f"{100 * c['gfid_relative_change']:+.1f}% (paper: {c['paper']}).")
-    if "speedup" in claim:
-        c = claim["speedup"]
-        lines.append(f"- Higher compression: {c['ours']} is {c['throughput_ratio']:.2f}× the end-to-end throughput "
-                     f"of {c['baseline']} at gFID {c['gfid_ours']:.1f} vs {c['gfid_baseline']:.1f} "
-                     f"({'equal or better' if c['equal_or_better_gfid'] else 'worse'}) (paper: {c['paper']}).")
+        lines += [f"Floor: {floor['num_images']} real validation images (class-stratified) score FID "
+                  f"{_interval(floor['fid'], floor['fid_ci95'])} against the same reference: the best gFID possible "
+                  f"at this sample count.", ""]
+    if claim:
+        lines += ["## Claims", "",
+                  "Computed, never written by hand: reproduced where the 95% interval of the difference (ours − "
+                  "baseline; throughput: the ratio) excludes no change in the paper's direction, contradicted where it "
+                  "excludes it the other way, inconclusive otherwise.", "",
+                  "| claim | ours vs baseline | quantity | change [95% interval] | paper | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for item in claim:
+            unit = "×" if item["metric"] == "throughput" else ""
+            digits = 3 if item["metric"] in ("lpips", "throughput") else 2
+            lines.append(f"| {item['claim'].replace('_', ' ')} | {item['ours']} vs {item['baseline']} | "
+                         f"{item['metric']} ({item['paper_direction']} is better) | "
+                         f"{_interval(item['estimate'], item['ci95'], digits)}{unit} | {item['paper']} | "
+                         f"**{item['verdict']}** |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], out: Path) -> None:
     figure, axis = plt.subplots(figsize=(5, 4))
     for row in rows:
-        axis.scatter(row["images_per_s"]["total"], row["gfid"])
+        low, high = row["gfid_ci95"] or (row["gfid"], row["gfid"])
+        axis.errorbar(row["images_per_s"]["total"], row["gfid"], yerr=[[row["gfid"] - low], [high - row["gfid"]]],
+                      fmt="o", capsize=3)
         axis.annotate(row["label"], (row["images_per_s"]["total"], row["gfid"]), fontsize=8)
     axis.set_xlabel("end-to-end images/s (DiT sampling + decoding)")
-    axis.set_ylabel("gFID (lower is better)")
+    axis.set_ylabel("gFID, 95% interval (lower is better)")
     axis.set_title("gFID vs throughput")
     figure.tight_layout()
     figure.savefig(out / "gfid_vs_throughput.png", dpi=120)
@@ -233,14 +328,15 @@ def main(argv: list[str]) -> None:
         pipeline = Pipeline(cfg)
         report = pipeline.run()
         sweep = nfe_sweep(cfg, pipeline, preset.get("nfe_sweep", [cfg.decode.nfe]))
-        rows.append(row_of(entry, cfg, report, sweep))
+        rows.append(row_of(entry, cfg, pipeline, report, sweep))
         for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),
                                (pipeline.folder("reconstruct") / f"reconstructions_nfe{cfg.decode.nfe}.png",
                                 f"reconstructions_{entry['slug']}.png")):
             if source.is_file():
                 shutil.copyfile(source, out / target)
     floor = real_data_floor(cfg)
-    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}))
+    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), cfg.evaluate.bootstrap,
+                   cfg.evaluate.subset_seed)
     meta = {"preset": label, "command": "python pipelines/reproduce.py " + " ".join(argv),
             "machine": machine(), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
             "wall_minutes": (time.perf_counter() - began) / 60,

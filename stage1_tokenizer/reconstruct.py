@@ -2,8 +2,12 @@
 
     python pipelines/run.py stage=reconstruct tokenizer.checkpoint=outputs/tokenizer/RUN decode.nfe=1
 
-Reports rFID (reconstructions against the originals of the same split, standard TF-Inception features), PSNR,
-SSIM, LPIPS and the decoder's images/s, and writes a side-by-side PNG grid (originals above reconstructions).
+Reports rFID (reconstructions against the originals of the same images, standard TF-Inception features) with its
+bootstrap spread, PSNR, SSIM and LPIPS with their 95% intervals, and the decoder's images/s, and writes a
+side-by-side PNG grid (originals above reconstructions). `reconstruct.num_images` below the split's size draws a
+seeded class-stratified subset (`evaluate.subset_seed`, shared/data/subsets.py), so two tokenizers measured with
+the same settings see the same images: per_image_nfe<N>.npz keeps each image's index, metrics and Inception
+features, from which their paired differences are computed (pipelines/reproduce.py).
 Latents are the posterior means; the ε-VAE decoder samples its own noise, so its reconstructions are stochastic.
 """
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -19,31 +24,37 @@ from tqdm import tqdm
 from shared import runtime as runtime_lib
 from shared.runtime import synchronize
 from shared.data.images import make_image_loader
+from shared.data.subsets import evaluation_subset
 from shared.errors import ConfigError
-from shared.metrics.fid import StatisticsAccumulator, frechet_distance
+from shared.metrics.fid_bootstrap import FrechetBootstrap
 from shared.metrics.image_io import save_comparison_grid
 from shared.metrics.image_quality import psnr, ssim
 from shared.metrics.inception import load_inception, quantize_to_uint8
+from shared.metrics.intervals import mean_interval
 from shared.metrics.lpips import LPIPS
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
 
+PER_IMAGE = ("psnr", "ssim", "lpips")
+
+
+def per_image_path(run_dir: str | Path, nfe: int) -> Path:
+    return Path(run_dir) / f"per_image_nfe{nfe}.npz"
+
 
 @torch.no_grad()
 def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images: int | None, nfe: int,
-                      batch_size: int, device: torch.device, autocast, lpips_net: str = "alex",
-                      grid_path: Path | None = None, grid_images: int = 16, progress: bool = False) -> dict:
+                      batch_size: int, device: torch.device, autocast, lpips_net: str = "alex", subset_seed: int = 0,
+                      bootstrap: int = 0, grid_path: Path | None = None, grid_images: int = 16,
+                      per_image_file: Path | None = None, progress: bool = False) -> dict:
+    subset = evaluation_subset(data_cfg, split, num_images, subset_seed)
     inception = load_inception(device)
     lpips = LPIPS(lpips_net).to(device)
-    real_stats, fake_stats = StatisticsAccumulator(), StatisticsAccumulator()
-    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    count, decode_seconds, grid = 0, 0.0, []
-    loader = make_image_loader(data_cfg, split, batch_size, train=False)
-    bar = tqdm(total=num_images, desc=f"reconstruct nfe={nfe}", unit="img", disable=not progress)
-    for batch in loader:
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in (*PER_IMAGE, "real_features", "fake_features")}
+    decode_seconds, grid = 0.0, []
+    loader = make_image_loader(data_cfg, split, batch_size, train=False, indices=subset.indices)
+    for batch in tqdm(loader, desc=f"reconstruct nfe={nfe}", unit="batch", disable=not progress):
         images = batch["image"].to(device)
-        if num_images is not None:
-            images = images[: num_images - count]
         with autocast():
             latents = tokenizer.encode(images).mode()
         synchronize(device)
@@ -53,25 +64,30 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
         synchronize(device)
         decode_seconds += time.perf_counter() - began
         reconstructions = reconstructions.float().clamp(-1, 1)
-        real_stats.update(inception(quantize_to_uint8(images)))
-        fake_stats.update(inception(quantize_to_uint8(reconstructions)))
-        sums["psnr"] += psnr(images, reconstructions).sum().item()
-        sums["ssim"] += ssim(images, reconstructions).sum().item()
-        sums["lpips"] += lpips(images, reconstructions).sum().item()
+        values["real_features"].append(inception(quantize_to_uint8(images)).float().cpu())
+        values["fake_features"].append(inception(quantize_to_uint8(reconstructions)).float().cpu())
+        values["psnr"].append(psnr(images, reconstructions).cpu())
+        values["ssim"].append(ssim(images, reconstructions).cpu())
+        values["lpips"].append(lpips(images, reconstructions).flatten().cpu())
         if len(grid) < grid_images:
             grid += list(zip(images.cpu(), reconstructions.cpu()))
-        count += len(images)
-        bar.update(len(images))
-        if num_images is not None and count >= num_images:
-            break
-    bar.close()
+    arrays = {name: torch.cat(parts).numpy() for name, parts in values.items()}
+    count = len(arrays["psnr"])
     if grid_path is not None and grid:
         originals, reconstructions = (torch.stack(images) for images in zip(*grid[:grid_images]))
         save_comparison_grid(originals, reconstructions, grid_path)
-    return {"rfid": frechet_distance(*real_stats.statistics(), *fake_stats.statistics()),
-            **{name: total / count for name, total in sums.items()},
-            "decode_images_per_s": count / decode_seconds, "num_images": count, "decoder_nfe": nfe,
-            "split": split, "batch_size": batch_size, "lpips_net": lpips_net}
+    if per_image_file is not None:
+        indices = np.arange(count) if subset.indices is None else subset.indices
+        np.savez(per_image_file, index=indices, **arrays)
+    rfid = FrechetBootstrap(arrays["fake_features"], real=arrays["real_features"], device=device).spread(
+        bootstrap, subset_seed)
+    metrics = {"rfid": rfid["fid"], "rfid_std": rfid["std"], "rfid_ci95": rfid["ci95"],
+               "bootstrap_resamples": rfid["resamples"]}
+    for name in PER_IMAGE:
+        interval = mean_interval(arrays[name])
+        metrics[name], metrics[f"{name}_ci95"] = interval["mean"], interval["ci95"]
+    return {**metrics, "decode_images_per_s": count / decode_seconds, "num_images": count, "decoder_nfe": nfe,
+            "subset": {**subset.record(), "images": count}, "batch_size": batch_size, "lpips_net": lpips_net}
 
 
 def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | None = None) -> dict:
@@ -79,14 +95,17 @@ def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | N
     checkpoint = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
     torch.manual_seed(cfg.seed)
+    nfe = cfg.decode.nfe
     metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
-                                nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
+                                nfe=nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
                                 autocast=runtime.autocast, lpips_net=cfg.lpips_net,
-                                grid_path=runtime.run_dir / f"reconstructions_nfe{cfg.decode.nfe}.png",
-                                grid_images=cfg.reconstruct.grid_images, progress=cfg.progress)
+                                subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
+                                grid_path=runtime.run_dir / f"reconstructions_nfe{nfe}.png",
+                                grid_images=cfg.reconstruct.grid_images,
+                                per_image_file=per_image_path(runtime.run_dir, nfe), progress=cfg.progress)
     metrics.update(tokenizer=type(tokenizer).__name__, checkpoint=str(checkpoint), use_ema=bool(cfg.decode.use_ema),
                    device=str(runtime.device))
-    (runtime.run_dir / f"metrics_nfe{cfg.decode.nfe}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (runtime.run_dir / f"metrics_nfe{nfe}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     runtime.log.info("reconstruction: %s", json.dumps(metrics))
     runtime.close()
     return metrics

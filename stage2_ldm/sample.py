@@ -3,7 +3,8 @@
     python pipelines/run.py stage=sample ldm.checkpoint=outputs/ldm/RUN sample.cfg_scale=1.5 decode.nfe=3
 
 Writes to the run folder: images/<index>_c<label>.png, grid.png, samples.npz (the ADM evaluator's layout: arr_0
-uint8 N×H×W×3, arr_1 labels) and metrics.json with images/s of the LDM part, the decoding part and the whole.
+uint8 N×H×W×3, arr_1 labels) and metrics.json with images/s of the LDM part, the decoding part and the whole: the
+median over the full batches, after an untimed warm-up batch of the same size, with the range.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -48,39 +50,51 @@ def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: float, sampler: str | None,
-             steps: int | None, nfe: int, batch_size: int, device: torch.device, autocast, progress: bool = False):
-    """Images (N, 3, H, W) in [-1, 1] for `labels`, and the seconds spent in the DiT sampler and in decoding."""
+             steps: int | None, nfe: int, batch_size: int, device: torch.device, autocast, warmup: bool = True,
+             progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """Images (N, 3, H, W) in [-1, 1] for `labels`, and per batch {"images", "ldm", "decode"}: its size and the
+    seconds spent in the DiT sampler and in decoding.
+
+    warmup: first sample and decode one untimed batch of the real size, so lazy initialisation (kernels, allocator,
+    thread pools, autotuning for that shape) is not counted as throughput.
+    """
     objective = build_objective(OmegaConf.create(config))
     stats = LatentStats.from_dict(config["latent_stats"])
     latent_shape = (config["in_channels"], config["input_size"], config["input_size"])
-    images, seconds = [], {"ldm": 0.0, "decode": 0.0}
-    # One untimed small batch first: lazy initialisation (kernels, allocator, thread pools) is not throughput.
-    warmup_labels = labels[: min(4, len(labels))].to(device)
-    with autocast():
-        warm = objective.sample(dit, torch.randn(len(warmup_labels), *latent_shape, device=device), warmup_labels,
-                                cfg_scale=cfg_scale, sampler=sampler, steps=steps)
-        tokenizer.decode(stats.denormalize(warm.float()), nfe=nfe)
-    for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
-        batch_labels = labels[start : start + batch_size].to(device)
+
+    def sample_and_decode(batch_labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         noise = torch.randn(len(batch_labels), *latent_shape, device=device)
         synchronize(device)
         began = time.perf_counter()
         with autocast():
             latents = objective.sample(dit, noise, batch_labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps)
         synchronize(device)
-        seconds["ldm"] += time.perf_counter() - began
-        began = time.perf_counter()
+        sampled = time.perf_counter()
         with autocast():
             decoded = tokenizer.decode(stats.denormalize(latents.float()), nfe=nfe)
         synchronize(device)
-        seconds["decode"] += time.perf_counter() - began
+        return decoded, {"images": len(batch_labels), "ldm": sampled - began, "decode": time.perf_counter() - sampled}
+
+    if warmup:
+        state = torch.get_rng_state()  # the warm-up must not change which samples the run draws
+        sample_and_decode(labels[:batch_size].to(device))
+        torch.set_rng_state(state)
+    images, timings = [], []
+    for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
+        decoded, timing = sample_and_decode(labels[start : start + batch_size].to(device))
         images.append(decoded.float().clamp(-1, 1).cpu())
-    return torch.cat(images), seconds
+        timings.append(timing)
+    return torch.cat(images), timings
 
 
-def throughput(count: int, seconds: dict) -> dict:
-    total = seconds["ldm"] + seconds["decode"]
-    return {"ldm": count / seconds["ldm"], "decode": count / seconds["decode"], "total": count / total}
+def throughput(timings: list[dict]) -> dict:
+    """Images/s of the DiT sampler, the decoder and both ("ldm", "decode", "total"): the median over the timed
+    full-size batches (a short last batch is timed only when it is the only one), with their [min, max] range."""
+    full = [timing for timing in timings if timing["images"] == timings[0]["images"]]
+    rates = {part: [t["images"] / (t["ldm"] + t["decode"] if part == "total" else t[part]) for t in full]
+             for part in ("ldm", "decode", "total")}
+    return {**{part: float(np.median(values)) for part, values in rates.items()},
+            "range": {part: [min(values), max(values)] for part, values in rates.items()}, "timed_batches": len(full)}
 
 
 def _tokenizer_for(cfg: DictConfig, config: dict, device: torch.device):
@@ -102,8 +116,17 @@ def preview_grid(cfg: DictConfig, step: int, dit, config: dict, runtime) -> None
     labels = torch.arange(min(config["num_classes"], 8)).repeat(2)
     images, _ = generate(dit.eval(), config, tokenizer, labels, cfg_scale=cfg.sample.cfg_scale,
                          sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
-                         batch_size=len(labels), device=runtime.device, autocast=runtime.autocast)
+                         batch_size=len(labels), device=runtime.device, autocast=runtime.autocast, warmup=False)
     save_image_grid(images, runtime.run_dir / "samples" / f"step_{step:07d}.png", nrow=len(labels) // 2)
+
+
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, classes: int = 16,
+                    per_class: int = 8) -> None:
+    """One row per class (the first `classes` sampled), up to `per_class` of its samples: classes read by eye."""
+    rows = [torch.nonzero(labels == label).flatten()[:per_class] for label in labels.unique()[:classes]]
+    width = max(len(row) for row in rows)
+    cells = [images[row[i]] if i < len(row) else torch.zeros_like(images[0]) for row in rows for i in range(width)]
+    save_image_grid(torch.stack(cells), path, nrow=width)
 
 
 def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
@@ -115,7 +138,7 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
     tokenizer = _tokenizer_for(cfg, config, runtime.device)
     labels = labels_to_sample(cfg.sample, config["num_classes"])
     indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
-    images, seconds = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
+    images, timings = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
                                sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
                                batch_size=cfg.sample.batch_size, device=runtime.device, autocast=runtime.autocast,
                                progress=cfg.progress and runtime.is_main)
@@ -126,15 +149,17 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
     if runtime.is_main:
         # Every rank's PNGs, in index order (file names start with the zero-padded index).
         written = open_images(runtime.run_dir / "images")
-        write_npz(runtime.run_dir / "samples.npz", written.read(0, len(written)), labels=labels)
-        save_image_grid(images[:64], runtime.run_dir / "grid.png", nrow=8)
+        everything = written.read(0, len(written))
+        write_npz(runtime.run_dir / "samples.npz", everything, labels=labels)
+        save_class_grid(everything, labels, runtime.run_dir / "grid.png")
         objective = build_objective(OmegaConf.create(config))
         metrics = {
             "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
             "sampler": cfg.sample.sampler or objective.samplers[0],
             "steps": cfg.sample.steps or objective.default_steps, "decoder_nfe": cfg.decode.nfe,
             "objective": config["objective"], "device": str(runtime.device),
-            "images_per_s": throughput(len(indices), seconds), "seconds": seconds,
+            "images_per_s": throughput(timings),
+            "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},
             "ldm_checkpoint": str(resolve_checkpoint(ldm_checkpoint)),
         }
         (runtime.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

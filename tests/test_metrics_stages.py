@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from tests.helpers import load_config, run_cli
 from shared.errors import DataError
 from shared.metrics import compare, evaluate
-from shared.metrics.fid import InceptionStatistics, save_statistics
+from shared.metrics.fid import InceptionStatistics, frechet_distance, save_statistics
 from shared.metrics.image_io import open_images, save_images, write_npz
 from shared.metrics.image_quality import psnr
 
@@ -83,14 +83,7 @@ def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------ stage=evaluate
-def test_evaluate_against_a_reference_npz(tmp_path, monkeypatch):
-    compared = []
-
-    def recording_distance(mu1, sigma1, mu2, sigma2):  # which statistics evaluate compares (the formula is tested)
-        compared.append((mu1, sigma1, mu2, sigma2))
-        return float(np.sum((mu1 - mu2) ** 2))
-
-    monkeypatch.setattr(evaluate, "frechet_distance", recording_distance)
+def test_evaluate_against_a_reference_npz(tmp_path):
     reference_images = random_images(5, 32, seed=6)
     reference = InceptionStatistics("cpu", spatial=True)
     for batch in reference_images.split(4):
@@ -105,23 +98,22 @@ def test_evaluate_against_a_reference_npz(tmp_path, monkeypatch):
 
     cfg = load_config(["stage=evaluate", f"evaluate.samples={samples_path}", f"evaluate.reference={reference_path}",
                        "evaluate.sfid=true", "evaluate.precision_recall=true", "evaluate.batch_size=4",
-                       "device=cpu", "name=eval_test"], tmp_path)
+                       "evaluate.bootstrap=20", "device=cpu", "name=eval_test"], tmp_path)
     result = evaluate.main(cfg)
     assert result["num_samples"] == 4
     assert {"fid", "sfid", "precision", "recall"} <= set(result)
     assert "inception_score" in result["not_computed"]
     samples = InceptionStatistics("cpu", spatial=True)
     samples.update(open_images(samples_path).read(0, 4))
-    (fid_args, sfid_args) = compared
-    for (reference_mu, reference_sigma), (sample_mu, sample_sigma), args in (
-            ((mu, sigma), samples.pool.statistics(), fid_args), ((mu_s, sigma_s), samples.spatial.statistics(),
-                                                                 sfid_args)):
-        np.testing.assert_array_equal(args[0], reference_mu)
-        np.testing.assert_array_equal(args[1], reference_sigma)
-        np.testing.assert_allclose(args[2], sample_mu, rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(args[3], sample_sigma, rtol=1e-3, atol=1e-6)
-    saved = json.loads((tmp_path / "evaluate" / "eval_test" / "evaluate.json").read_text())
+    # The reference file's statistics against the samples', for both FID and sFID.
+    assert result["fid"] == pytest.approx(frechet_distance(mu, sigma, *samples.pool.statistics()), rel=1e-4)
+    assert result["sfid"] == pytest.approx(frechet_distance(mu_s, sigma_s, *samples.spatial.statistics()), rel=1e-4)
+    low, high = result["fid_ci95"]
+    assert result["fid_std"] > 0 and low < result["fid"] < high and result["bootstrap_resamples"] == 20
+    run_dir = tmp_path / "evaluate" / "eval_test"
+    saved = json.loads((run_dir / "evaluate.json").read_text())
     assert saved["fid"] == pytest.approx(result["fid"])
+    assert np.load(run_dir / evaluate.SAMPLE_FEATURES).shape == (4, 2048)
 
 
 def test_evaluate_without_samples_names_the_key(tmp_path):
@@ -133,7 +125,7 @@ def test_evaluate_without_samples_names_the_key(tmp_path):
 def test_reference_statistics_from_data_are_cached_by_fingerprint(tmp_path, monkeypatch):
     cfg = load_config(["stage=evaluate", "data=synthetic", "data.resolution=32"], tmp_path)
     cache_dir = tmp_path / "reference_stats"
-    mu, sigma = evaluate.reference_statistics(cfg.data, "val", 5, "cpu", cache_dir, batch_size=4)
+    mu, sigma = evaluate.reference_statistics(cfg.data, "val", 5, 0, "cpu", cache_dir, batch_size=4)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     assert len(list(cache_dir.glob("*.npz"))) == 1
 
@@ -141,20 +133,33 @@ def test_reference_statistics_from_data_are_cached_by_fingerprint(tmp_path, monk
         raise AssertionError("the cached statistics were not used")
 
     monkeypatch.setattr(evaluate, "_compute_reference", must_not_recompute)
-    cached_mu, _ = evaluate.reference_statistics(cfg.data, "val", 5, "cpu", cache_dir, batch_size=4)
-    np.testing.assert_array_equal(cached_mu, mu)
+    cached = evaluate.load_reference_cache(cfg.data, "val", 5, 0, "cpu", cache_dir, batch_size=4)
+    np.testing.assert_array_equal(cached["mu"], mu)
+    assert cached["subset"]["images"] == 5 and cached["subset"]["seed"] == 0  # it says which images it holds
+    path = evaluate.reference_cache_path(cfg.data, "val", 5, 0, cache_dir)
+    assert path.is_file()
     with open_dict(cfg):
         cfg.data.num_workers = 3  # loader settings do not change the statistics...
-    assert evaluate.reference_cache_path(cfg.data, "val", 5, cache_dir).is_file()
+    assert evaluate.reference_cache_path(cfg.data, "val", 5, 0, cache_dir) == path
+    # ...everything that chooses or measures the images does: subset seed, size, split, resolution, weights.
+    assert evaluate.reference_cache_path(cfg.data, "val", 5, 1, cache_dir) != path
+    assert evaluate.reference_cache_path(cfg.data, "val", 6, 0, cache_dir) != path
+    assert evaluate.reference_cache_path(cfg.data, "train", 5, 0, cache_dir) != path
+    # the whole split has no subset, so the seed cannot matter
+    assert (evaluate.reference_cache_path(cfg.data, "val", None, 0, cache_dir)
+            == evaluate.reference_cache_path(cfg.data, "val", None, 1, cache_dir))
+    monkeypatch.setattr(evaluate, "weights_digest", lambda: "other-weights")
+    assert evaluate.reference_cache_path(cfg.data, "val", 5, 0, cache_dir) != path
+    monkeypatch.undo()
     with open_dict(cfg):
-        cfg.data.resolution = 64  # ...the resolution does
-    assert not evaluate.reference_cache_path(cfg.data, "val", 5, cache_dir).is_file()
+        cfg.data.resolution = 64
+    assert evaluate.reference_cache_path(cfg.data, "val", 5, 0, cache_dir) != path
 
 
 def test_reference_statistics_of_the_real_imagenet_subset(tmp_path, imagenette):
     cfg = load_config(["stage=evaluate", "data=imagefolder", f"data.root={imagenette}", "data.resolution=32",
                        "data.num_workers=0"], tmp_path)
-    reference = evaluate.load_reference_cache(cfg.data, "val", 4, "cpu", tmp_path, batch_size=2)
+    reference = evaluate.load_reference_cache(cfg.data, "val", 4, 0, "cpu", tmp_path, batch_size=2)
     assert reference["features"].shape == (4, 2048)
     assert reference["mu_s"].shape == (17 * 17 * 7,)
     np.testing.assert_allclose(reference["mu"], reference["features"].astype(np.float64).mean(axis=0), rtol=1e-5,

@@ -1,16 +1,45 @@
 """pipelines/reproduce.py: the presets load, the claims are computed from the rows the preset names, outputs."""
+import numpy as np
 import pytest
 
 from pipelines import reproduce
 from shared.errors import ConfigError
+from shared.metrics.fid import save_statistics
 from tests.helpers import load_config
 
 
-def row(slug, gfid, total, rfid_by_nfe):
-    return {"label": slug.upper(), "slug": slug, "compression": "f8×4", "latent_shape": [4, 8, 8], "gfid": gfid,
-            "rfid": 1.0, "psnr": 20.0, "lpips": 0.1, "images_per_s": {"ldm": 2 * total, "decode": 2 * total,
-                                                                      "total": total},
-            "rfid_by_nfe": rfid_by_nfe, "generation_settings": {"num_samples": 10}, "wall_seconds": {"ldm": 1.0}}
+def row(tmp_path, slug, psnr_offset, sample_shift, total, rfid_by_nfe, reference="reference.npz"):
+    """A result row whose per-image reconstruction metrics and sample features are files, as a run writes them:
+    PSNR = base + psnr_offset per image, sample features N(sample_shift, 1) against an N(0, 1) reference."""
+    rng = np.random.default_rng(sum(map(ord, slug)))  # hash() of a str changes per process
+    base = np.random.default_rng(0)  # the same validation images for every row
+    real = base.normal(size=(60, 8))
+    np.savez(tmp_path / f"{slug}_per_image.npz", index=np.arange(60), psnr=20 + base.normal(size=60) + psnr_offset,
+             ssim=np.full(60, 0.5), lpips=0.2 + 0.01 * rng.normal(size=60), real_features=real,
+             fake_features=real + 0.1 * rng.normal(size=(60, 8)))
+    np.save(tmp_path / f"{slug}_features.npy", rng.normal(sample_shift, 1.0, size=(80, 8)))
+    return {"label": slug.upper(), "slug": slug, "compression": "f8×4", "latent_shape": [4, 8, 8], "gfid": 1.0,
+            "gfid_ci95": [0.5, 1.5], "rfid": 1.0, "rfid_ci95": [0.8, 1.2], "psnr": 20.0, "psnr_ci95": [19.5, 20.5],
+            "lpips": 0.1, "lpips_ci95": None,
+            "images_per_s": {"ldm": 2 * total, "decode": 2 * total, "total": total,
+                             "range": {"total": [0.95 * total, 1.05 * total]}},
+            "rfid_by_nfe": rfid_by_nfe, "generation_settings": {"num_samples": 80},
+            "reconstruction_subset": {"images": 60, "of": 100, "split": "val", "selection": "all"},
+            "wall_seconds": {"ldm": 1.0},
+            "files": {"per_image": str(tmp_path / f"{slug}_per_image.npz"),
+                      "sample_features": str(tmp_path / f"{slug}_features.npy"),
+                      "reference": str(tmp_path / reference)}}
+
+
+@pytest.fixture
+def rows(tmp_path):
+    save_statistics(tmp_path / "reference.npz", np.zeros(8), np.eye(8))
+    return {"vae": row(tmp_path, "vae", 0.0, 0.6, 10.0, {"3": 5.0}),
+            "eps8": row(tmp_path, "eps8", 2.0, 0.0, 9.0, {"1": 6.0, "3": 4.0}),
+            "eps16": row(tmp_path, "eps16", -3.0, 0.6, 30.0, {"1": 8.0, "3": 7.0})}
+
+
+SPEC = {"equal_compression": {"baseline": "vae", "ours": "eps8"}, "speedup": {"baseline": "vae", "ours": "eps16"}}
 
 
 @pytest.mark.parametrize("name", ["mini", "mini_long", "paper"])
@@ -39,36 +68,61 @@ def test_unknown_preset_is_a_config_error():
         reproduce.load_preset("nope")
 
 
-def test_claims_follow_the_named_rows():
-    rows = {"vae": row("vae", 20.0, 10.0, {"3": 5.0}), "eps8": row("eps8", 15.0, 9.0, {"1": 6.0, "3": 4.0}),
-            "eps16": row("eps16", 19.0, 30.0, {"1": 8.0, "3": 7.0})}
-    claims = reproduce.claims(rows, {"equal_compression": {"baseline": "vae", "ours": "eps8"},
-                                     "speedup": {"baseline": "vae", "ours": "eps16"}})
-    assert claims["equal_compression"]["gfid_relative_change"] == pytest.approx(-0.25)
-    assert claims["speedup"]["throughput_ratio"] == pytest.approx(3.0)
-    assert claims["speedup"]["equal_or_better_gfid"] is True
-    worse = reproduce.claims({**rows, "eps16": row("eps16", 25.0, 30.0, {"3": 7.0})},
-                             {"speedup": {"baseline": "vae", "ours": "eps16"}})
-    assert worse["speedup"]["equal_or_better_gfid"] is False
+def test_claims_are_computed_from_the_intervals_of_the_named_rows(rows):
+    claims = {(c["claim"], c["metric"]): c for c in reproduce.claims(rows, SPEC, resamples=50)}
+    assert set(claims) == {("equal_compression", m) for m in ("rfid", "psnr", "lpips", "gfid")} | {
+        ("speedup", "throughput"), ("speedup", "gfid")}
+    psnr = claims[("equal_compression", "psnr")]
+    assert psnr["estimate"] == pytest.approx(2.0) and psnr["ci95"][0] > 0 and psnr["verdict"] == "reproduced"
+    # eps8's samples sit on the reference, the VAE's are shifted: lower gFID, an interval below zero
+    assert claims[("equal_compression", "gfid")]["verdict"] == "reproduced"
+    assert claims[("equal_compression", "lpips")]["verdict"] == "inconclusive"  # the same LPIPS up to noise
+    speed = claims[("speedup", "throughput")]
+    assert speed["estimate"] == pytest.approx(3.0) and speed["ci95"] == pytest.approx([28.5 / 10.5, 31.5 / 9.5])
+    assert speed["verdict"] == "reproduced"
+    assert claims[("speedup", "gfid")]["verdict"] == "inconclusive"  # both sample sets shifted alike
+    slower = {**rows, "eps16": {**rows["eps16"], "images_per_s": {
+        "total": 5.0, "range": {"total": [4.0, 6.0]}}}}
+    assert [c["verdict"] for c in reproduce.claims(slower, {"speedup": SPEC["speedup"]}, resamples=20)
+            if c["metric"] == "throughput"] == ["contradicted"]
+    assert reproduce.claims(rows, {"speedup": {"baseline": "vae", "ours": "missing"}}) == []
 
 
-def test_table_and_plots_are_written(tmp_path):
-    rows = [row("vae", 20.0, 10.0, {"3": 5.0}), row("eps8", 15.0, 9.0, {"1": 6.0, "2": 5.0, "3": 4.0})]
-    claims = reproduce.claims({r["slug"]: r for r in rows}, {"equal_compression": {"baseline": "vae", "ours": "eps8"}})
+def test_claims_refuse_rows_measured_on_different_images_or_references(rows, tmp_path):
+    moved = dict(np.load(rows["eps8"]["files"]["per_image"]))
+    moved["index"] = moved["index"] + 1
+    np.savez(tmp_path / "moved.npz", **moved)
+    other_images = {**rows, "eps8": {**rows["eps8"], "files": {**rows["eps8"]["files"],
+                                                                 "per_image": str(tmp_path / "moved.npz")}}}
+    with pytest.raises(ConfigError, match="different images"):
+        reproduce.claims(other_images, SPEC, resamples=5)
+    other_reference = {**rows, "eps8": {**rows["eps8"], "files": {**rows["eps8"]["files"],
+                                                                    "reference": str(tmp_path / "other.npz")}}}
+    with pytest.raises(ConfigError, match="different references"):
+        reproduce.claims(other_reference, {"speedup": {"baseline": "vae", "ours": "eps8"}}, resamples=5)
+
+
+def test_table_and_plots_are_written(rows, tmp_path):
+    chosen = [rows["vae"], rows["eps8"]]
+    claims = reproduce.claims(rows, {"equal_compression": SPEC["equal_compression"]}, resamples=20)
     meta = {"preset": "test", "command": "python pipelines/reproduce.py", "machine": "m", "date": "d",
             "wall_minutes": 1.0, "compute_minutes": 2.0}
-    table = reproduce.render_table(rows, claims, meta)
-    assert "| EPS8 | f8×4 (4×8×8) | 6.0 / 5.0 / 4.0 |" in table and "-25.0%" in table
-    reproduce.plot(rows, tmp_path)
+    table = reproduce.render_table(chosen, claims, meta)
+    assert "| EPS8 | f8×4 (4×8×8) | 6.0 / 4.0 | 1.0 [0.8, 1.2] | 20.00 [19.50, 20.50] |" in table
+    psnr = next(c for c in claims if c["metric"] == "psnr")
+    assert f"{psnr['estimate']:.2f} [{psnr['ci95'][0]:.2f}, {psnr['ci95'][1]:.2f}]" in table
+    assert "**reproduced**" in table and "## Claims" in table
+    reproduce.plot(chosen, tmp_path)
     assert (tmp_path / "gfid_vs_throughput.png").stat().st_size > 0 and (tmp_path / "rfid_vs_nfe.png").is_file()
 
 
-def test_real_data_floor_takes_as_many_real_images_per_class_as_the_samples(tmp_path):
+def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(tmp_path):
     cfg = load_config(["experiment=smoke", "device=cpu", "data.val_size=50", "sample.num_per_class=3",
-                       "evaluate.reference_images=40", "evaluate.batch_size=16"], tmp_path)
+                       "evaluate.reference_images=40", "evaluate.batch_size=16", "evaluate.bootstrap=10"], tmp_path)
     floor = reproduce.real_data_floor(cfg)
     assert floor["num_images"] == 3 * cfg.data.num_classes
-    assert floor["fid"] > 0
+    assert floor["subset"]["selection"] == "class-stratified random subset" and floor["reference"]["images"] == 40
+    assert floor["fid"] > 0 and floor["fid_ci95"][0] < floor["fid"] < floor["fid_ci95"][1]
     assert (tmp_path / "reference_stats").is_dir()  # the reference is the evaluate stage's cached one
     meta = {"preset": "t", "command": "c", "machine": "m", "date": "d", "wall_minutes": 1.0, "compute_minutes": 1.0}
-    assert f"score FID {floor['fid']:.1f}" in reproduce.render_table([], {}, meta, floor)
+    assert f"score FID {floor['fid']:.1f} [" in reproduce.render_table([], [], meta, floor)

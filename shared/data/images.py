@@ -230,6 +230,22 @@ class ImageFolder(Dataset):
         return {"image": preprocess(image, self.resolution, flip), "label": int(self.index.labels[index])}
 
 
+class IndexedSubset(Dataset):
+    """The items `indices` of a map-style data set, addressed as the sampler addresses them: (position, flip)."""
+
+    def __init__(self, dataset: SyntheticImages | ImageFolder, indices: np.ndarray):
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.resolution, self.num_classes = dataset.resolution, dataset.num_classes
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> Item | None:
+        position, flip = item if isinstance(item, tuple) else (item, False)
+        return self.dataset[(int(self.indices[position]), flip)]
+
+
 def build_image_dataset(data_cfg: DictConfig | Mapping, split: str) -> SyntheticImages | ImageFolder:
     """The map-style data set of `split` ("train", "val", ...) for data.kind = synthetic | imagefolder.
 
@@ -398,11 +414,12 @@ def _webdataset_loader(data_cfg: DictConfig, split: str, batch_size: int, *, tra
 # ---------------------------------------------------------------------------------------------- loaders
 def make_image_loader(data_cfg: DictConfig | Mapping, split: str, batch_size: int, *, train: bool, seed: int = 0,
                       rank: int = 0, world_size: int = 1, start_batch: int = 0, num_workers: int | None = None,
-                      pin_memory: bool = False) -> DataLoader:
+                      pin_memory: bool = False, indices: np.ndarray | None = None) -> DataLoader:
     """Batches {"image": (B, 3, R, R) float in [-1, 1], "label": (B,) int64, "skipped": int} of one rank.
 
     train: infinite, shuffled, flipped if data.random_flip, starting at batch `start_batch` (exact for
     synthetic/imagefolder). eval: one ordered pass without flips, rank r taking items r, r + world_size, ...
+    of the whole split, or of `indices` (an evaluation subset, shared.data.subsets; synthetic/imagefolder only).
     `loader.dataset.num_classes` / `.class_names` describe the labels.
     """
     data_cfg = _as_config(data_cfg)
@@ -413,6 +430,10 @@ def make_image_loader(data_cfg: DictConfig | Mapping, split: str, batch_size: in
                                   world_size=world_size, start_batch=start_batch, num_workers=workers,
                                   pin_memory=pin_memory)
     dataset = build_image_dataset(data_cfg, split)
+    if indices is not None:
+        if train:
+            raise ValueError("indices select an evaluation subset: they are for train=False loaders")
+        dataset = IndexedSubset(dataset, indices)
     if train and len(dataset) < batch_size * world_size:
         raise DataError(f"the {split} split has {len(dataset)} images, fewer than one batch of {batch_size} "
                         f"on each of {world_size} ranks")

@@ -1,9 +1,14 @@
-"""`stage=evaluate`: gFID of generated samples against reference statistics (ADM protocol).
+"""`stage=evaluate`: gFID of generated samples against reference statistics (ADM protocol), with its spread.
 
 The reference is either an .npz with mu/sigma (ours, or ADM's `VIRTUAL_imagenet256_labeled.npz`, which also carries
 sFID statistics mu_s/sigma_s and its reference images as arr_0) or, when `evaluate.reference` is null, statistics of
-up to `evaluate.reference_images` images of the `data` config's `evaluate.reference_split`, cached under
-`${output_root}/reference_stats/` by a fingerprint of everything that changes them.
+the `data` config's `evaluate.reference_split`: all of it by default, or a seeded class-stratified subset of
+`evaluate.reference_images` images (shared/data/subsets.py). They are cached under `${output_root}/reference_stats/`,
+keyed by everything that changes them: the data config, split, subset size and seed, and the Inception weights.
+
+The gFID comes with its spread over the samples: the standard deviation of `evaluate.bootstrap` bootstrap resamples
+and the normal 95% interval around the estimate (shared/metrics/fid_bootstrap.py). The samples' pool features are
+written beside evaluate.json (features.npy), so two runs' gFIDs can be compared with the same resampling.
 """
 from __future__ import annotations
 
@@ -16,66 +21,72 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from shared.data.subsets import EvaluationSubset, evaluation_subset
 from shared.errors import DataError
 from shared.metrics.fid import InceptionStatistics, frechet_distance, precision_recall, save_statistics
+from shared.metrics.fid_bootstrap import FrechetBootstrap
 from shared.metrics.image_io import open_images
-from shared.metrics.inception import INCEPTION_SCORE_UNAVAILABLE, quantize_to_uint8
+from shared.metrics.inception import INCEPTION_SCORE_UNAVAILABLE, quantize_to_uint8, weights_digest
 from shared.runtime import setup
 
 # Data keys that change how fast images load, not which images: left out of the cache fingerprint.
 LOADER_ONLY_KEYS = ("num_workers",)
 NPZ_REFERENCE_KEYS = ("mu", "sigma", "mu_s", "sigma_s", "features")
+SAMPLE_FEATURES = "features.npy"
 
 
-def reference_cache_path(data_cfg: DictConfig, split: str, max_images: int | None, cache_dir: str | Path) -> Path:
-    """cache_dir/<kind>-<split>-<R>px-<count>-<hash>.npz, the hash covering the data config, split and count."""
+def reference_cache_path(data_cfg: DictConfig, split: str, max_images: int | None, seed: int,
+                         cache_dir: str | Path) -> Path:
+    """cache_dir/<kind>-<split>-<R>px-<count>-<hash>.npz; the hash covers the data config, split, subset size and
+    seed, and the Inception weights."""
     data = OmegaConf.to_container(data_cfg, resolve=True)
     for key in LOADER_ONLY_KEYS:
         data.pop(key, None)
-    fingerprint = json.dumps({"data": data, "split": split, "max_images": max_images}, sort_keys=True)
+    fingerprint = json.dumps({"data": data, "split": split, "max_images": max_images,
+                              "subset_seed": None if max_images is None else seed,
+                              "inception": weights_digest()}, sort_keys=True)
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     count = "all" if max_images is None else str(max_images)
     return Path(cache_dir) / f"{data.get('kind', 'data')}-{split}-{data.get('resolution')}px-{count}-{digest}.npz"
 
 
-def _compute_reference(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device,
-                       batch_size: int, progress: bool) -> dict[str, np.ndarray]:
+def _compute_reference(data_cfg: DictConfig, subset: EvaluationSubset, device: torch.device, batch_size: int,
+                       progress: bool) -> dict[str, np.ndarray]:
     from shared.data.images import make_image_loader
 
-    loader = make_image_loader(data_cfg, split, batch_size, train=False)
+    loader = make_image_loader(data_cfg, subset.split, batch_size, train=False, indices=subset.indices)
     stats = InceptionStatistics(device, spatial=True, keep_features=True)
-    with tqdm(total=max_images, desc=f"reference statistics ({split})", disable=not progress) as bar:
-        for batch in loader:
-            images = batch["image"]
-            if max_images is not None:
-                images = images[: max_images - stats.count]
-            stats.update(quantize_to_uint8(images))  # the reference sees images as saved samples are: uint8
-            bar.update(len(images))
-            if max_images is not None and stats.count >= max_images:
-                break
+    for batch in tqdm(loader, desc=f"reference statistics ({subset.split})", disable=not progress):
+        stats.update(quantize_to_uint8(batch["image"]))  # the reference sees images as saved samples are: uint8
     mu, sigma = stats.pool.statistics()
     mu_s, sigma_s = stats.spatial.statistics()
+    record = {**subset.record(), "images": stats.count}  # a stream's count is known only now; unreadable files skip
     return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s,
-            "features": stats.features().numpy().astype(np.float32)}
+            "features": stats.features().numpy().astype(np.float32), "subset": np.array(json.dumps(record))}
 
 
-def load_reference_cache(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device | str,
-                         cache_dir: str | Path, batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
-    """{"mu", "sigma", "mu_s", "sigma_s", "features"} of the split, computed once and then read from the cache."""
-    path = reference_cache_path(data_cfg, split, max_images, cache_dir)
+def load_reference_cache(data_cfg: DictConfig, split: str, max_images: int | None, seed: int,
+                         device: torch.device | str, cache_dir: str | Path, batch_size: int = 64,
+                         progress: bool = False) -> dict:
+    """{"mu", "sigma", "mu_s", "sigma_s", "features", "subset", "path"} of `max_images` images of the split (None:
+    all), computed once and then read from the cache. "subset" says which images; "path" is the cache file."""
+    path = reference_cache_path(data_cfg, split, max_images, seed, cache_dir)
     if path.is_file():
         with np.load(path) as cached:
-            if all(key in cached.files for key in NPZ_REFERENCE_KEYS):
-                return {key: cached[key] for key in NPZ_REFERENCE_KEYS}
-    reference = _compute_reference(data_cfg, split, max_images, torch.device(device), batch_size, progress)
+            if all(key in cached.files for key in (*NPZ_REFERENCE_KEYS, "subset")):
+                return {**{key: cached[key] for key in NPZ_REFERENCE_KEYS},
+                        "subset": json.loads(str(cached["subset"])), "path": str(path)}
+    subset = evaluation_subset(data_cfg, split, max_images, seed)
+    reference = _compute_reference(data_cfg, subset, torch.device(device), batch_size, progress)
     save_statistics(path, **reference)
-    return reference
+    return {**reference, "subset": json.loads(str(reference["subset"])), "path": str(path)}
 
 
-def reference_statistics(data_cfg: DictConfig, split: str, max_images: int | None, device: torch.device | str,
-                         cache_dir: str | Path, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the Inception pool features of up to `max_images` images of `split` (cached)."""
-    reference = load_reference_cache(data_cfg, split, max_images, device, cache_dir, batch_size)
+def reference_statistics(data_cfg: DictConfig, split: str, max_images: int | None, seed: int,
+                         device: torch.device | str, cache_dir: str | Path,
+                         batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the Inception pool features of the reference images of `split` (cached)."""
+    reference = load_reference_cache(data_cfg, split, max_images, seed, device, cache_dir, batch_size)
     return reference["mu"], reference["sigma"]
 
 
@@ -111,24 +122,28 @@ def _image_set_statistics(path: str | Path, device: torch.device, spatial: bool,
 
 def evaluate_samples(samples_path: str | Path, mu_ref: np.ndarray, sigma_ref: np.ndarray,
                      device: torch.device | str, batch_size: int = 64, spatial_ref: tuple | None = None,
-                     reference_features: np.ndarray | torch.Tensor | None = None, progress: bool = False) -> dict:
-    """{"fid", "num_samples", "not_computed"} and, given their references, "sfid" and "precision"/"recall".
+                     reference_features: np.ndarray | torch.Tensor | None = None, bootstrap: int = 0, seed: int = 0,
+                     progress: bool = False) -> tuple[dict, torch.Tensor]:
+    """({"fid", "fid_std", "fid_ci95", "bootstrap_resamples", "num_samples", "not_computed"} and, given their
+    references, "sfid" and "precision"/"recall"; the samples' (N, 2048) pool features).
 
     spatial_ref: (mu_s, sigma_s) of the reference's sFID features. reference_features: (N, 2048) pool features of
-    reference images, for precision/recall (k = 3).
+    reference images, for precision/recall (k = 3). bootstrap: resamples of the samples for the gFID's spread.
     """
     device = torch.device(device)
-    stats = _image_set_statistics(samples_path, device, spatial=spatial_ref is not None,
-                                  keep_features=reference_features is not None, batch_size=batch_size,
-                                  progress=progress)
-    result = {"fid": frechet_distance(mu_ref, sigma_ref, *stats.pool.statistics()), "num_samples": stats.count,
+    stats = _image_set_statistics(samples_path, device, spatial=spatial_ref is not None, keep_features=True,
+                                  batch_size=batch_size, progress=progress)
+    features = stats.features()
+    spread = FrechetBootstrap(features, reference=(mu_ref, sigma_ref), device=device).spread(bootstrap, seed)
+    result = {"fid": spread["fid"], "fid_std": spread["std"], "fid_ci95": spread["ci95"],
+              "bootstrap_resamples": spread["resamples"], "num_samples": stats.count,
               "not_computed": {"inception_score": INCEPTION_SCORE_UNAVAILABLE}}
     if spatial_ref is not None:
         result["sfid"] = frechet_distance(*spatial_ref, *stats.spatial.statistics())
     if reference_features is not None:
         real = torch.as_tensor(np.asarray(reference_features)).to(device)
-        result.update(precision_recall(real, stats.features().to(device)))
-    return result
+        result.update(precision_recall(real, features.to(device)))
+    return result, features
 
 
 def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict) -> dict[str, np.ndarray]:
@@ -143,8 +158,8 @@ def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict
                                                 f"images (arr_0) nor features")
         return reference
     cache_dir = Path(cfg.output_root) / "reference_stats"
-    return load_reference_cache(cfg.data, settings.reference_split, settings.reference_images, device, cache_dir,
-                                settings.batch_size, cfg.progress)
+    return load_reference_cache(cfg.data, settings.reference_split, settings.reference_images, settings.subset_seed,
+                                device, cache_dir, settings.batch_size, cfg.progress)
 
 
 def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
@@ -158,16 +173,20 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     runtime = setup(cfg, run_dir=run_dir)
     not_computed: dict[str, str] = {}
     reference = _resolve_reference(cfg, runtime.device, not_computed)
-    result = evaluate_samples(
+    result, features = evaluate_samples(
         samples, reference["mu"], reference["sigma"], runtime.device, batch_size=settings.batch_size,
         spatial_ref=(reference["mu_s"], reference["sigma_s"]) if settings.sfid and "mu_s" in reference else None,
         reference_features=reference.get("features") if settings.precision_recall else None,
-        progress=cfg.progress)
+        bootstrap=settings.bootstrap, seed=settings.subset_seed, progress=cfg.progress)
     result["not_computed"].update(not_computed)
-    result = {"samples": str(samples),
-              "reference": str(settings.reference) if settings.reference is not None else
-              f"data.{cfg.data.get('kind')} split={settings.reference_split} images<={settings.reference_images}",
-              **result}
+    if settings.reference is not None:
+        described = {"reference": str(settings.reference), "reference_path": str(settings.reference)}
+    else:
+        described = {"reference": f"data.{cfg.data.get('kind')} {reference['subset']['split']} split, "
+                                  f"{reference['subset']['images']} images ({reference['subset']['selection']})",
+                     "reference_subset": reference["subset"], "reference_path": reference["path"]}
+    result = {"samples": str(samples), **described, **result}
+    np.save(runtime.run_dir / SAMPLE_FEATURES, features.numpy().astype(np.float32))
     (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
     runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
     print(json.dumps(result), flush=True)

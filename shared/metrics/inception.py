@@ -43,6 +43,18 @@ def torchscript_path() -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def weights_digest() -> str:
+    """A short SHA-256 of the Inception weights file: statistics computed with other weights are other numbers."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(torchscript_path(), "rb") as weights:
+        for block in iter(lambda: weights.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 in [0, 255] exactly as writing a PNG does: round(clamp((x + 1) * 127.5))."""
     return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
