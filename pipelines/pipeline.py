@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.errors import ConfigError
+from shared.metrics.intervals import format_interval
 
 STEPS = ("tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate")
 
@@ -185,13 +186,6 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def _with_interval(value, interval, digits: int = 3) -> str:
-    """'12.3 [11.0, 13.6]', or the value alone where no interval was measured."""
-    if interval is None:
-        return _fmt(value, digits)
-    return f"{_fmt(value, digits)} [{_fmt(interval[0], digits)}, {_fmt(interval[1], digits)}]"
-
-
 def _described(subset: dict | None) -> str:
     if not subset:
         return "n/a"
@@ -213,12 +207,12 @@ def render_markdown(report: dict) -> str:
         "Brackets: 95% intervals (FID: ± 1.96 bootstrap standard deviations over the images; PSNR/SSIM/LPIPS: Student t "
         "over the images; images/s: the range over the timed batches).", "",
         "| metric | value | settings |", "|---|---|---|",
-        f"| rFID | {_with_interval(rec['rfid'], rec.get('rfid_ci95'))} | {_described(rec.get('subset'))}, decoder "
-        f"NFE {rec['decoder_nfe']} |",
-        f"| PSNR (dB) | {_with_interval(rec['psnr'], rec.get('psnr_ci95'))} | same |",
-        f"| SSIM | {_with_interval(rec['ssim'], rec.get('ssim_ci95'))} | same |",
-        f"| LPIPS | {_with_interval(rec['lpips'], rec.get('lpips_ci95'))} | same |",
-        f"| gFID | {_with_interval(gen['gfid'], gen.get('gfid_ci95'))} | {gen['num_samples']} samples, "
+        f"| rFID | {format_interval(rec['rfid'], rec.get('rfid_ci95'), '.3g')} | {_described(rec.get('subset'))}, "
+        f"decoder NFE {rec['decoder_nfe']} |",
+        f"| PSNR (dB) | {format_interval(rec['psnr'], rec.get('psnr_ci95'), '.3g')} | same |",
+        f"| SSIM | {format_interval(rec['ssim'], rec.get('ssim_ci95'), '.3g')} | same |",
+        f"| LPIPS | {format_interval(rec['lpips'], rec.get('lpips_ci95'), '.3g')} | same |",
+        f"| gFID | {format_interval(gen['gfid'], gen.get('gfid_ci95'), '.3g')} | {gen['num_samples']} samples, "
         f"{gen['sampler']} {gen['steps']} steps, CFG {gen['cfg_scale']}, decoder NFE {gen['decoder_nfe']}, "
         f"reference: {gen['reference']} |",
         f"| images/s, DiT sampling | {_fmt(speed.get('ldm'))}{spread('ldm')} | batch {report['sample_batch_size']}, "

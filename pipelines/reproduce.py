@@ -1,6 +1,6 @@
 """The FID / speed-up reproduction: several tokenizers at equal budget, the same DiT on each, one table.
 
-    python pipelines/reproduce.py preset=mini      # Imagenette 64 px on this machine's CPU (about an hour)
+    python pipelines/reproduce.py preset=small32   # Imagenette 32 px on this machine's CPU (about 70 minutes)
     python pipelines/reproduce.py preset=paper data.root=/data/imagenet   # ImageNet 256 px, GPU nodes
 
 For every tokenizer of `configs/reproduce/<preset>.yaml` it runs the main job (stage=pipeline: train the tokenizer,
@@ -38,6 +38,7 @@ import pipelines.run  # noqa: E402,F401  (registers the ${repo_root:} resolver)
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
+from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 
@@ -193,8 +194,6 @@ def compare(ours: dict, base: dict, metrics: list[str], resamples: int, seed: in
 def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 0) -> list[dict]:
     """The paper's claims on the rows the preset names (chosen before any result), each with the interval of its
     difference and the verdict of shared.metrics.intervals.verdict: never written by hand."""
-    from shared.metrics.intervals import verdict
-
     plan = [("equal_compression", ["rfid", "psnr", "lpips", "gfid"], PAPER["equal_compression"]),
             ("speedup", ["throughput", "gfid"], PAPER["speedup"])]
     result = []
@@ -222,14 +221,6 @@ PAPER = {
 }
 
 
-def _interval(value, interval, digits: int = 1) -> str:
-    if value is None:
-        return "n/a"
-    if interval is None:
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
-
-
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
     lines = [f"# Reproduction: {meta['preset']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
@@ -243,10 +234,11 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
         rfid = " / ".join(f"{value:.1f}" for value in row["rfid_by_nfe"].values())
         speed = row["images_per_s"]
         lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | {rfid} | "
-                     f"{_interval(row['rfid'], row['rfid_ci95'])} | {_interval(row['psnr'], row['psnr_ci95'], 2)} | "
-                     f"{_interval(row['lpips'], row['lpips_ci95'], 3)} | {_interval(row['gfid'], row['gfid_ci95'])} | "
-                     f"{speed['ldm']:.1f} / {speed['decode']:.1f} / "
-                     f"{_interval(speed['total'], speed['range']['total'])} |")
+                     f"{format_interval(row['rfid'], row['rfid_ci95'])} | "
+                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | "
+                     f"{format_interval(row['lpips'], row['lpips_ci95'], '.3f')} | "
+                     f"{format_interval(row['gfid'], row['gfid_ci95'])} | {speed['ldm']:.1f} / {speed['decode']:.1f} / "
+                     f"{format_interval(speed['total'], speed['range']['total'])} |")
     settings = rows[0]["generation_settings"] if rows else {}
     subset = rows[0]["reconstruction_subset"] if rows else {}
     lines += ["", f"Reconstruction: {subset.get('images')} of {subset.get('of')} {subset.get('split')} images "
@@ -256,7 +248,7 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
                   f"{settings.get('decoder_nfe')}, reference {settings.get('reference')}.", ""]
     if floor:
         lines += [f"Floor: {floor['num_images']} real validation images (class-stratified) score FID "
-                  f"{_interval(floor['fid'], floor['fid_ci95'])} against the same reference: the best gFID possible "
+                  f"{format_interval(floor['fid'], floor['fid_ci95'])} against the same reference: the best gFID possible "
                   f"at this sample count.", ""]
     if claim:
         lines += ["## Claims", "",
@@ -270,7 +262,7 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
             digits = 3 if item["metric"] in ("lpips", "throughput") else 2
             lines.append(f"| {item['claim'].replace('_', ' ')} | {item['ours']} vs {item['baseline']} | "
                          f"{item['metric']} ({item['paper_direction']} is better) | "
-                         f"{_interval(item['estimate'], item['ci95'], digits)}{unit} | {item['paper']} | "
+                         f"{format_interval(item['estimate'], item['ci95'], f'.{digits}f')}{unit} | {item['paper']} | "
                          f"**{item['verdict']}** |")
     return "\n".join(lines) + "\n"
 
@@ -313,14 +305,21 @@ def machine() -> str:
     return f"{cpu}; {device}; torch {torch.__version__}; Python {platform.python_version()}"
 
 
-def main(argv: list[str]) -> None:
-    preset_name = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), "mini")
+def parse_arguments(argv: list[str], default_preset: str) -> tuple[str, Path, list[str], dict]:
+    """(label, output folder, Hydra overrides for every run, preset) of `preset=NAME|PATH [out=DIR] [key=value ...]`;
+    the output folder is created."""
+    preset_name = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), default_preset)
     label = Path(preset_name).stem
     out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), ROOT / "results" / label))
     extra = [a for a in argv if not a.startswith(("preset=", "out="))]
     preset = load_preset(preset_name)
-    began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    return label, out, extra, preset
+
+
+def main(argv: list[str]) -> None:
+    label, out, extra, preset = parse_arguments(argv, "small32")
+    began = time.perf_counter()
     rows = []
     for entry in preset["tokenizers"]:
         cfg = run_config(preset, label, entry, extra)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shared.errors import ConfigError
-from shared.flow import interpolate, sample_logit_normal, sample_uniform, velocity_target
+from shared.flow import sample_logit_normal, sample_uniform
 from stage1_tokenizer import losses
 from stage1_tokenizer.discriminator import build_discriminator
 from stage1_tokenizer.tokenizer import DiffusionTokenizer, Tokenizer, as_dict, build_tokenizer
@@ -32,7 +32,8 @@ from stage1_tokenizer.tokenizer import DiffusionTokenizer, Tokenizer, as_dict, b
 # The paper's weights where it gives them; r1 is OPEN (R1 on the mean patch logit; 1.0 is StyleGAN's γ = 2).
 DEFAULT_LOSS = dict(velocity=1.0, lpips=0.5, lpips_net="alex", adversarial=0.5, r1=1.0, kl=1e-6,
                     reconstruction=1.0, reconstruction_kind="l1", disc_start=0)
-DEFAULT_FLOW = dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, gamma=1.0, grid="reversed_log")
+DEFAULT_FLOW = dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, gamma=1.0, grid="reversed_log",
+                    process="rectified_flow")
 
 
 def with_defaults(section, defaults: dict, key: str) -> dict:
@@ -98,10 +99,10 @@ class TokenizerObjective(nn.Module):
         t = self.sample_time(images.shape[0], images.device)
         # Drawn in the logical (B, C, H, W) order whatever the memory layout, so channels_last draws the same noise.
         noise = torch.randn(images.shape, device=images.device, dtype=images.dtype)
-        x_t = interpolate(tokenizer.gamma * images, noise, t)
-        velocity = tokenizer.velocity(x_t, t, tokenizer.condition(z))
-        estimate = tokenizer.estimate_image(x_t, t, velocity)
-        terms = {"velocity": losses.velocity_loss(velocity, velocity_target(tokenizer.gamma * images, noise))}
+        x_t = tokenizer.corrupt(images, noise, t)
+        prediction = tokenizer.predict(x_t, t, tokenizer.condition(z))
+        estimate = tokenizer.estimate_image(x_t, t, prediction)
+        terms = {"velocity": losses.velocity_loss(prediction, tokenizer.target(images, noise))}
         # D sees the noisy input as the denoiser does, renormalised to unit variance.
         batch = DiscriminatorBatch(images, estimate.detach(), tokenizer.network_input(x_t, t).detach(), t)
         return estimate, terms, batch

@@ -7,6 +7,8 @@
 The diffusion decoders (ε-VAE, DGAE) generate the image by integrating the rectified flow of shared/flow.py from
 pure noise (t = 1) to the image (t = 0) with Euler steps, on γ-scaled data:
     x_t = (1 − t) γ x0 + t ε,   v̂ = G(c_in(t) x_t, t, condition(z)),   image = x_0 / γ.
+For the first row of the paper's ablation (Table 5) the ε-VAE decoder can instead be ADM's ε-prediction DDPM
+(`tokenizer.flow.process=ddpm`, `DDPMEpsVAE`).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from shared.ddpm import GaussianDiffusion
 from shared.errors import ConfigError, DataError
-from shared.flow import euler_sample, input_scale, time_grid, x0_from_velocity
+from shared.flow import euler_sample, input_scale, interpolate, time_grid, velocity_target, x0_from_velocity
 from shared.train.checkpoint import load_model_state
 from stage1_tokenizer.dgae import DGAEDecoder
 from stage1_tokenizer.dit_decoder import DiTDecoder
@@ -29,6 +32,7 @@ from stage1_tokenizer.vae_decoder import ConvDecoder
 DEFAULT_NFE = 3  # the paper's decoding budget; quality drops past 3 steps on the reversed-log grid
 TOKENIZER_KINDS = ("epsvae", "vae", "dgae")
 GRID_KINDS = ("reversed_log", "uniform")
+PROCESSES = ("rectified_flow", "ddpm")
 
 
 class DiffusionTokenizer(nn.Module):
@@ -55,13 +59,27 @@ class DiffusionTokenizer(nn.Module):
         """c_in(t) · x_t: the γ-scaled flow state renormalised to unit variance."""
         return input_scale(t, self.gamma).reshape(-1, 1, 1, 1).to(x_t.dtype) * x_t
 
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def corrupt(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t of the decoder's process at times t (B,) in [0, 1]: (1 − t) γ x0 + t ε."""
+        return interpolate(self.gamma * x0, noise, t)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """What G regresses: the velocity ε − γ x0."""
+        return velocity_target(self.gamma * x0, noise)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """v̂ = G(c_in(t) · x_t, t, condition) for x_t on the γ-scaled flow (B, 3, H, W), t (B,)."""
         return self.decoder(self.network_input(x_t, t), t, condition)
 
-    def estimate_image(self, x_t: torch.Tensor, t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    def estimate_image(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         """One-step image estimate x̂0 = (x_t − t v̂) / γ, in image units."""
-        return x0_from_velocity(x_t, t, velocity) / self.gamma
+        return x0_from_velocity(x_t, t, prediction) / self.gamma
+
+    def initial_noise(self, z: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        if noise is not None:
+            return noise
+        height, width = z.shape[-2] * self.downsample, z.shape[-1] * self.downsample
+        return torch.randn(z.shape[0], 3, height, width, device=z.device, dtype=z.dtype)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, nfe: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,11 +88,8 @@ class DiffusionTokenizer(nn.Module):
         noise: the starting point x_1 (B, 3, h·f, w·f); drawn from torch's global RNG when not given.
         """
         condition = self.condition(z)
-        if noise is None:
-            height, width = z.shape[-2] * self.downsample, z.shape[-1] * self.downsample
-            noise = torch.randn(z.shape[0], 3, height, width, device=z.device, dtype=z.dtype)
         grid = time_grid(nfe or self.default_nfe, self.grid)
-        x_0 = euler_sample(lambda x_t, t: self.velocity(x_t, t, condition), noise, grid)
+        x_0 = euler_sample(lambda x_t, t: self.predict(x_t, t, condition), self.initial_noise(z, noise), grid)
         return (x_0 / self.gamma).clamp(-1, 1)
 
 
@@ -92,6 +107,47 @@ class DGAE(DiffusionTokenizer):
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder.condition(z)
+
+
+class DDPMEpsVAE(EpsVAE):
+    """The ε-VAE decoder as ADM's ε-prediction DDPM (1000-step linear β, fixed variance) instead of a rectified flow:
+    the first row of the paper's ablation (Table 5), nothing else.
+
+    Training time t ∈ [0, 1) picks chain step ⌊1000 t⌋ (uniform t: DDPM's uniform steps); G sees x_t as it is (the
+    chain is variance preserving) and that step as t = step / 1000; it predicts ε, and x̂0 follows from it. The loss
+    weight `loss.velocity` weighs its ε MSE. Decoding is ancestral sampling on `nfe` evenly respaced steps.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chain = GaussianDiffusion.linear(1000, learn_sigma=False)
+
+    def step(self, t: torch.Tensor) -> torch.Tensor:
+        return (t * self.chain.num_timesteps).long().clamp(0, self.chain.num_timesteps - 1)
+
+    def network_input(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x_t
+
+    def corrupt(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.chain.q_sample(x0, self.step(t), noise)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.decoder(x_t, self.step(t).float() / self.chain.num_timesteps, condition)
+
+    def estimate_image(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        return self.chain.predict_x0(x_t, self.step(t), prediction)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, nfe: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        condition = self.condition(z)
+        steps = self.chain.num_timesteps
+        respaced = self.chain.respace(nfe or self.default_nfe)
+        image = respaced.sample(lambda x_t, model_time: self.decoder(x_t, model_time / steps, condition),
+                                self.initial_noise(z, noise))
+        return image.clamp(-1, 1)
 
 
 class VAE(nn.Module):
@@ -166,13 +222,21 @@ def build_tokenizer(tok_cfg) -> Tokenizer:
         return VAE(encoder, decoder, latent_channels, downsample)
 
     flow = cfg.get("flow", {})
+    process = flow.get("process", "rectified_flow")
+    if process not in PROCESSES:
+        raise ConfigError(f"tokenizer.flow.process={process!r} is not one of {', '.join(PROCESSES)}")
+    if process == "ddpm" and (kind != "epsvae" or flow.get("gamma", 1.0) != 1.0):
+        raise ConfigError("tokenizer.flow.process=ddpm is the ablation's ε-VAE decoder: it needs kind=epsvae and "
+                          "tokenizer.flow.gamma=1.0 (γ scales the rectified flow only)")
     if flow.get("grid", "reversed_log") not in GRID_KINDS:
         raise ConfigError(f"tokenizer.flow.grid={flow.get('grid')!r} is not one of {', '.join(GRID_KINDS)}")
     if not flow.get("gamma", 1.0) > 0:
         raise ConfigError(f"tokenizer.flow.gamma={flow.get('gamma')} must be positive")
     flow_args = dict(gamma=float(flow.get("gamma", 1.0)), grid=flow.get("grid", "reversed_log"))
     if kind == "epsvae":
-        return EpsVAE(encoder, build_denoiser(decoder_cfg, latent_channels), latent_channels, downsample, **flow_args)
+        tokenizer_class = DDPMEpsVAE if process == "ddpm" else EpsVAE
+        return tokenizer_class(encoder, build_denoiser(decoder_cfg, latent_channels), latent_channels, downsample,
+                               **flow_args)
 
     features_cfg = decoder_cfg.get("features")
     if not features_cfg:

@@ -17,7 +17,7 @@ def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
     assert report["reconstruction"]["rfid"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["reconstruction"]["num_images"] == 32 and report["reconstruction"]["decoder_nfe"] == 1
     assert report["generation"]["gfid"] > 0 and report["generation"]["num_samples"] == 30
-    assert report["generation"]["steps"] == 5 and report["generation"]["sampler"] == "ddpm"
+    assert report["generation"]["steps"] == 5 and report["generation"]["sampler"] == "euler"
     assert all(report["throughput_images_per_s"][part] > 0 for part in ("ldm", "decode", "total"))
     assert set(report["wall_seconds"]) == {"tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate"}
     assert "| gFID |" in (root / "report.md").read_text()
@@ -38,3 +38,12 @@ def test_a_pipeline_folder_refuses_a_rerun_with_a_different_config(tmp_path):
     assert changed.returncode != 0
     assert "different config" in changed.stderr and "tokenizer.train.steps: 20 -> 21" in changed.stderr
     assert "Traceback" not in changed.stderr
+
+
+def test_the_main_job_s_tokenizer_reconstructs_recognisably(tmp_path):
+    """README's first command must show a working tokenizer: at least 20 dB PSNR at its decoder NFE (seed 0)."""
+    common = ["experiment=smoke", f"output_root={tmp_path}", "seed=0", "wandb.mode=disabled", "progress=false"]
+    run_cli("stage=tokenizer", *common, timeout=1800)  # about 2 minutes on 2 idle cores
+    metrics = json.loads(run_cli("stage=reconstruct", *common, "evaluate.bootstrap=0").stdout.strip().splitlines()[-1])
+    assert metrics["decoder_nfe"] == 2 and metrics["num_images"] == 64
+    assert metrics["psnr"] >= 20.0, metrics

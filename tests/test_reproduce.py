@@ -42,7 +42,7 @@ def rows(tmp_path):
 SPEC = {"equal_compression": {"baseline": "vae", "ours": "eps8"}, "speedup": {"baseline": "vae", "ours": "eps16"}}
 
 
-@pytest.mark.parametrize("name", ["mini", "mini_long", "paper"])
+@pytest.mark.parametrize("name", ["mini", "mini_long", "paper", "small32"])
 def test_presets_name_four_tokenizers_and_the_claim_rows(name):
     preset = reproduce.load_preset(name)
     slugs = [entry["slug"] for entry in preset["tokenizers"]]

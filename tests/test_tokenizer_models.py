@@ -11,7 +11,7 @@ from shared.flow import velocity_target
 from stage1_tokenizer.discriminator import PatchDiscriminator, TimeConditionedPatchDiscriminator, build_discriminator
 from stage1_tokenizer.dit_decoder import DiTDecoder
 from stage1_tokenizer.encoder import DiagonalGaussian, Encoder
-from stage1_tokenizer.tokenizer import DGAE, VAE, EpsVAE, build_tokenizer, load_tokenizer
+from stage1_tokenizer.tokenizer import DGAE, VAE, DDPMEpsVAE, EpsVAE, build_tokenizer, load_tokenizer
 from stage1_tokenizer.unet import ADMUNet
 from stage1_tokenizer.vae_decoder import ConvDecoder
 from tests.helpers import load_config, run_cli
@@ -107,6 +107,33 @@ def test_decode_inverts_the_gamma_scaled_flow_with_an_exact_velocity():
     tokenizer.decoder = ExactVelocity()
     z = torch.zeros(1, tokenizer.latent_channels, 8, 8)
     torch.testing.assert_close(tokenizer.decode(z, nfe=3, noise=noise), x0)
+
+
+def test_the_ablations_ddpm_decoder_trains_on_epsilon_and_samples_ancestrally():
+    from stage1_tokenizer.objective import build_objective
+
+    config = {**tokenizer_config("epsvae_tiny"), "flow": {"process": "ddpm", "t_sampling": "uniform", "gamma": 1.0,
+                                                           "grid": "uniform", "logit_mean": 0.0, "logit_std": 1.0},
+              "loss": {"velocity": 1.0, "lpips": 0.0, "adversarial": 0.0, "kl": 1e-6, "reconstruction": 0.0}}
+    tokenizer = build_tokenizer(config)
+    assert isinstance(tokenizer, DDPMEpsVAE)
+    x0, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
+    t = torch.tensor([0.0, 0.9995])
+    x_t = tokenizer.corrupt(x0, noise, t)
+    alpha_bar = tokenizer.chain.alphas_cumprod[[0, 999]].float().reshape(2, 1, 1, 1)
+    torch.testing.assert_close(x_t, alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise)
+    # with the true ε, the one-step estimate is the image, and the regression target is ε itself
+    torch.testing.assert_close(tokenizer.estimate_image(x_t, t, noise), x0, rtol=1e-4, atol=1e-3)
+    assert torch.equal(tokenizer.target(x0, noise), noise)
+    total, logs = build_objective(config).generator_loss(x0, step=0)
+    assert torch.isfinite(total) and "loss/velocity" in logs
+    calls = []
+    tokenizer.decoder.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[1][0].item()))
+    images = tokenizer.decode(torch.randn(2, 4, 8, 8), nfe=5)
+    assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
+    assert calls == pytest.approx([0.999, 0.749, 0.5, 0.25, 0.0], abs=1e-3)  # 5 evenly respaced chain steps / 1000
+    with pytest.raises(ConfigError, match="gamma"):
+        build_tokenizer({**config, "flow": {**config["flow"], "gamma": 0.6}})
 
 
 def test_latent_conditions_the_unet():

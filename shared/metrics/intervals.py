@@ -39,6 +39,15 @@ def normal_interval(estimate: float, std: float) -> list[float]:
     return [estimate - Z_95 * std, estimate + Z_95 * std]
 
 
+def format_interval(value: float | None, interval: list[float] | None, spec: str = ".1f") -> str:
+    """'12.3 [11.0, 13.6]', the value alone where no interval was measured, 'n/a' where nothing was."""
+    if value is None:
+        return "n/a"
+    if interval is None:
+        return f"{value:{spec}}"
+    return f"{value:{spec}} [{interval[0]:{spec}}, {interval[1]:{spec}}]"
+
+
 def verdict(interval: list[float] | None, direction: str) -> str:
     """The computed claim rule for an interval of (ours − baseline); `direction` is the paper's: "lower" (e.g. FID)
     or "higher" (e.g. PSNR, throughput ratio − 1)."""

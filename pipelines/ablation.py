@@ -1,0 +1,177 @@
+"""The paper's ablation ladder (Table 5) at small scale: which of ε-VAE's ingredients matter.
+
+    python pipelines/ablation.py preset=ladder32      # Imagenette 32 px on this machine's CPU
+
+Each rung of `configs/reproduce/<preset>.yaml` adds one ingredient to the rung before it (its `changes` are Hydra
+overrides applied on top of all earlier rungs' changes; a rung may switch the base `tokenizer`). Every rung trains
+a tokenizer at the same budget (the preset's `common` overrides) and measures rFID and PSNR at the rung's decoder
+NFE on the same class-stratified validation subset. A `decode_only` rung changes only how the previous rung's
+tokenizer decodes (the sampling grid), so it reuses that tokenizer instead of training an identical one. `baseline`
+rows (the matched VAE) are trained and measured beside the ladder.
+
+Writes results/<preset>/: table.md (each rung with its interval and the paired change from the rung before, with the
+verdict of shared.metrics.intervals on the paper's direction: lower rFID), results.json and rfid_ladder.png.
+Everything resumes: rerun the same command.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.reproduce import (  # noqa: E402
+    compare, load_preset, machine, merge_overrides, parse_arguments, run_config)
+from shared.metrics.intervals import format_interval, verdict  # noqa: E402
+
+
+def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict, object]]:
+    """(rung, resolved config) for every rung, each with the changes of all rungs up to it."""
+    configs, changes, tokenizer = [], [], preset["tokenizer"]
+    for rung in preset["rungs"]:
+        tokenizer = rung.get("tokenizer", tokenizer)
+        changes = merge_overrides(changes, list(rung.get("changes", [])))
+        entry = {"slug": rung["slug"], "tokenizer": tokenizer,
+                 "overrides": [*changes, f"decode.nfe={rung['nfe']}", "pipeline.steps=[tokenizer,reconstruct]"]}
+        configs.append((rung, run_config(preset, label, entry, extra)))
+    return configs
+
+
+def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
+    """Train (or, decode_only, reuse the tokenizer of `trained`, the last trained rung) and reconstruct: the
+    reconstruction metrics and the rung's pipeline folder."""
+    from stage1_tokenizer.reconstruct import per_image_path, reconstruct_split
+    from stage1_tokenizer.tokenizer import load_tokenizer
+    from shared import runtime as runtime_lib
+
+    pipeline = Pipeline(cfg)
+    if not rung.get("decode_only"):
+        return pipeline.run()["reconstruction"], pipeline
+    pipeline.check_config()
+    out = pipeline.folder("reconstruct")
+    metrics_path = out / f"metrics_nfe{cfg.decode.nfe}.json"
+    if not metrics_path.is_file():
+        runtime = runtime_lib.setup(cfg, run_dir=out)
+        tokenizer = load_tokenizer(trained.tokenizer_checkpoint(), runtime.device, use_ema=bool(cfg.decode.use_ema))
+        tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
+        torch.manual_seed(cfg.seed)
+        metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
+                                    nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
+                                    autocast=runtime.autocast, lpips_net=cfg.lpips_net,
+                                    subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
+                                    grid_path=out / f"reconstructions_nfe{cfg.decode.nfe}.png",
+                                    per_image_file=per_image_path(out, cfg.decode.nfe))
+        metrics_path.write_text(json.dumps({**metrics, "checkpoint": str(trained.tokenizer_checkpoint()),
+                                            "grid": tokenizer.grid}, indent=2) + "\n")
+        runtime.close()
+    return json.loads(metrics_path.read_text()), pipeline
+
+
+def row_of(rung: dict, cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
+    from stage1_tokenizer.reconstruct import per_image_path
+
+    return {"label": rung["label"], "slug": rung["slug"], "nfe": cfg.decode.nfe, "paper": rung.get("paper", {}),
+            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
+            **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "subset")},
+            "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe))}}
+
+
+def steps_down(rows: list[dict], resamples: int, seed: int) -> list[dict]:
+    """Each rung against the one before it: the paired change in rFID and PSNR on the same images, and the verdict
+    on the paper's direction (every ingredient lowers rFID)."""
+    changes = []
+    for before, after in zip(rows, rows[1:]):
+        measured = compare(after, before, ["rfid", "psnr"], resamples, seed)
+        changes.append({"from": before["slug"], "to": after["slug"], **{k: measured[k] for k in ("rfid", "psnr")},
+                        "verdict": verdict(measured["rfid"]["ci95"], "lower")})
+    return changes
+
+
+def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], meta: dict) -> str:
+    subset = rows[0]["subset"]
+    lines = [f"# Ablation ladder: {meta['preset']}", "", f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']}  ", f"Date: {meta['date']}; {meta['wall_minutes']:.1f} min in the last "
+             f"invocation", "", f"Budget per rung: {meta['budget']}. Reconstruction: {subset['images']} of "
+             f"{subset['of']} {subset['split']} images ({subset['selection']}), the same for every rung.", "",
+             "Brackets are 95% intervals (rFID ± 1.96 bootstrap standard deviations over the images; PSNR Student "
+             "t). The change is paired on the same images against the rung above; its verdict is computed: "
+             "reproduced where its interval lies below zero (lower rFID, the paper's direction), contradicted where "
+             "above, inconclusive otherwise.", "",
+             "| rung | NFE (ours / paper) | rFID | PSNR | rFID change from the rung above | verdict | paper rFID |",
+             "|---|---|---|---|---|---|---|"]
+    for index, row in enumerate(rows):
+        change = changes[index - 1] if index else None
+        paper = row["paper"]
+        change_text = format_interval(change["rfid"]["estimate"], change["rfid"]["ci95"]) if change else "—"
+        lines.append(f"| {row['label']} | {row['nfe']} / {paper.get('nfe', '—')} | "
+                     f"{format_interval(row['rfid'], row['rfid_ci95'])} | "
+                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | {change_text} | "
+                     f"{change['verdict'] if change else '—'} | {paper.get('rfid', '—')} |")
+    for row in baselines:
+        lines.append(f"| {row['label']} (baseline) | — | {format_interval(row['rfid'], row['rfid_ci95'])} | "
+                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | — | — | "
+                     f"{row['paper'].get('rfid', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], baselines: list[dict], out: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4))
+    positions = range(len(rows))
+    rfids = [row["rfid"] for row in rows]
+    errors = [[row["rfid"] - row["rfid_ci95"][0] for row in rows], [row["rfid_ci95"][1] - row["rfid"] for row in rows]]
+    axis.errorbar(positions, rfids, yerr=errors, marker="o", capsize=3, label="ours")
+    for row in baselines:
+        axis.axhline(row["rfid"], linestyle="--", color="gray", label=row["label"])
+    axis.set_xticks(list(positions), [row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
+    axis.set_ylabel("rFID, 95% interval (lower is better)")
+    axis.set_title("ablation ladder")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "rfid_ladder.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str]) -> None:
+    label, out, extra, preset = parse_arguments(argv, "ladder32")
+    began = time.perf_counter()
+    rows, trained, cfg = [], None, None
+    for rung, cfg in rung_configs(preset, label, extra):
+        print(f"== {rung['label']} ({cfg.name}, NFE {cfg.decode.nfe})", flush=True)
+        reconstruction, pipeline = measure(rung, cfg, trained)
+        rows.append(row_of(rung, cfg, reconstruction, pipeline))
+        if not rung.get("decode_only"):
+            trained = pipeline
+    baselines = []
+    for entry in preset.get("baselines", []):
+        base_cfg = run_config(preset, label, {**entry, "overrides": [*entry.get("overrides", []),
+                                                                      "pipeline.steps=[tokenizer,reconstruct]"]}, extra)
+        print(f"== {entry['label']} ({base_cfg.name})", flush=True)
+        pipeline = Pipeline(base_cfg)
+        baselines.append(row_of(entry, base_cfg, pipeline.run()["reconstruction"], pipeline))
+    changes = steps_down(rows, cfg.evaluate.bootstrap, cfg.evaluate.subset_seed)
+    meta = {"preset": label, "command": "python pipelines/ablation.py " + " ".join(argv), "machine": machine(),
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
+            "budget": f"{cfg.tokenizer.train.steps} steps × {cfg.tokenizer.train.batch_size} images at "
+                      f"{cfg.data.resolution} px"}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "changes": changes,
+                                                  "baselines": baselines}, indent=2) + "\n")
+    (out / "table.md").write_text(render_table(rows, changes, baselines, meta))
+    plot(rows, baselines, out)
+    print((out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

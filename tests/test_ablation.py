@@ -1,0 +1,55 @@
+"""pipelines/ablation.py: cumulative rungs, decode-only rungs reuse a tokenizer, paired changes and the table."""
+import json
+
+from pipelines import ablation, reproduce
+
+
+def test_the_ladder_presets_rungs_accumulate_their_changes():
+    preset = reproduce.load_preset("ladder32")
+    configs = dict((rung["slug"], cfg) for rung, cfg in ablation.rung_configs(preset, "ladder32", []))
+    ddpm, flow, unet, last = configs["ddpm"], configs["flow"], configs["adm_unet"], configs["reversed_log"]
+    assert ddpm.tokenizer.flow.process == "ddpm" and ddpm.tokenizer.decoder.arch == "dit" and ddpm.decode.nfe == 100
+    assert flow.tokenizer.flow.process == "rectified_flow" and flow.tokenizer.flow.t_sampling == "uniform"
+    # the fourth rung switches the denoiser and keeps every earlier change
+    assert unet.tokenizer.decoder.arch == "adm_unet" and unet.tokenizer.flow.t_sampling == "logit_normal"
+    assert unet.tokenizer.loss.lpips == 0 and unet.tokenizer.flow.gamma == 1.0
+    assert last.tokenizer.flow.grid == "reversed_log" and last.tokenizer.flow.gamma == 0.6
+    assert last.tokenizer.loss.lpips == 0.5 and last.tokenizer.loss.adversarial == 0.5 and last.decode.nfe == 3
+    # equal budget on every rung
+    assert len({(cfg.tokenizer.train.steps, cfg.tokenizer.train.batch_size) for cfg in configs.values()}) == 1
+
+
+def test_a_tiny_ladder_runs_end_to_end_and_reuses_the_tokenizer_of_a_decode_only_rung(tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("""
+experiment: smoke
+tokenizer: epsvae_tiny
+common: [data.train_size=64, data.val_size=24, tokenizer.train.steps=4, tokenizer.train.batch_size=8,
+         tokenizer.train.sample_every=100, tokenizer.train.ckpt_every=100, reconstruct.num_images=20,
+         evaluate.bootstrap=10, decode.batch_size=10]
+rungs:
+  - {label: "DDPM", slug: ddpm, nfe: 4, paper: {rfid: 28.22, nfe: 1000},
+     changes: [tokenizer.flow.process=ddpm, tokenizer.flow.gamma=1.0, tokenizer.flow.grid=uniform,
+               tokenizer.loss.lpips=0.0, tokenizer.loss.adversarial=0.0]}
+  - {label: "flow", slug: flow, nfe: 2, changes: [tokenizer.flow.process=rectified_flow]}
+  - {label: "grid", slug: grid, nfe: 1, decode_only: true, changes: [tokenizer.flow.grid=reversed_log]}
+baselines:
+  - {label: "VAE", slug: vae, tokenizer: vae_tiny, paper: {rfid: 11.15}, overrides: []}
+""")
+    out = tmp_path / "results"
+    ablation.main([f"preset={preset}", f"out={out}", f"output_root={tmp_path}", "wandb.mode=disabled",
+                   "progress=false", "device=cpu"])
+    results = json.loads((out / "results.json").read_text())
+    assert [row["slug"] for row in results["rows"]] == ["ddpm", "flow", "grid"]
+    assert [row["nfe"] for row in results["rows"]] == [4, 2, 1]
+    assert [change["to"] for change in results["changes"]] == ["flow", "grid"]
+    assert all(change["verdict"] in ("reproduced", "contradicted", "inconclusive") for change in results["changes"])
+    grid_metrics = json.loads((tmp_path / "pipeline" / "reproduce_tiny_grid" / "reconstruct" /
+                               "metrics_nfe1.json").read_text())
+    assert grid_metrics["grid"] == "reversed_log"
+    assert "reproduce_tiny_flow" in grid_metrics["checkpoint"]  # decoded with the previous rung's tokenizer
+    assert not (tmp_path / "pipeline" / "reproduce_tiny_grid" / "tokenizer").exists()  # nothing was retrained
+    assert results["baselines"][0]["slug"] == "vae"
+    table = (out / "table.md").read_text()
+    assert "| DDPM | 4 / 1000 |" in table and "(baseline)" in table and "Budget per rung: 4 steps × 8 images" in table
+    assert (out / "rfid_ladder.png").stat().st_size > 0
