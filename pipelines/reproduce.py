@@ -9,7 +9,8 @@ decoder NFE of the sweep. Then it writes to `results/<preset>/`: the Table-4-sty
 the paper's claims on the rows the preset names, each with the 95% interval of its difference and a computed
 verdict (reproduced / contradicted / inconclusive), the real-data FID floor, and plots (gFID vs throughput, rFID
 vs decoder NFE, sample and reconstruction grids). Everything resumes: rerun the same command after an interruption.
-Extra `key=value` arguments are Hydra overrides applied to every run.
+Extra `key=value` arguments are Hydra overrides applied to every run; `only=vae_f4,epsvae_f4` runs (or, when they
+have finished, tabulates) just those rows of the preset.
 """
 from __future__ import annotations
 
@@ -306,13 +307,19 @@ def machine() -> str:
 
 
 def parse_arguments(argv: list[str], default_preset: str) -> tuple[str, Path, list[str], dict]:
-    """(label, output folder, Hydra overrides for every run, preset) of `preset=NAME|PATH [out=DIR] [key=value ...]`;
-    the output folder is created."""
+    """(label, output folder, Hydra overrides for every run, preset) of
+    `preset=NAME|PATH [out=DIR] [only=SLUG,SLUG] [key=value ...]`; the output folder is created."""
     preset_name = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), default_preset)
     label = Path(preset_name).stem
     out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), ROOT / "results" / label))
-    extra = [a for a in argv if not a.startswith(("preset=", "out="))]
+    only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("only=")), None)
+    extra = [a for a in argv if not a.startswith(("preset=", "out=", "only="))]
     preset = load_preset(preset_name)
+    if only is not None:  # a subset of the preset's rows, e.g. to run (or tabulate) one at a time
+        known = [entry["slug"] for entry in preset.get("tokenizers", [])]
+        if set(only) - set(known):
+            raise ConfigError(f"only={','.join(only)}: the preset {label} has the rows {known}")
+        preset["tokenizers"] = [entry for entry in preset["tokenizers"] if entry["slug"] in only]
     out.mkdir(parents=True, exist_ok=True)
     return label, out, extra, preset
 

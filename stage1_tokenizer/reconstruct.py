@@ -51,7 +51,12 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
     inception = load_inception(device)
     lpips = LPIPS(lpips_net).to(device)
     values: dict[str, list[torch.Tensor]] = {name: [] for name in (*PER_IMAGE, "real_features", "fake_features")}
-    decode_seconds, grid = 0.0, []
+    decode_seconds, grid, seen = 0.0, [], 0
+    # Grid images spread evenly over the evaluated images: a split is listed class by class, so the first ones
+    # would all be of one class. (A stream's length is unknown: its first images.)
+    count = len(subset.indices) if subset.indices is not None else subset.total
+    grid_positions = (set(range(grid_images)) if count is None else
+                      set(np.linspace(0, count - 1, grid_images).round().astype(int).tolist()))
     loader = make_image_loader(data_cfg, split, batch_size, train=False, indices=subset.indices)
     for batch in tqdm(loader, desc=f"reconstruct nfe={nfe}", unit="batch", disable=not progress):
         images = batch["image"].to(device)
@@ -69,10 +74,10 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
         values["psnr"].append(psnr(images, reconstructions).cpu())
         values["ssim"].append(ssim(images, reconstructions).cpu())
         values["lpips"].append(lpips(images, reconstructions).flatten().cpu())
-        if len(grid) < grid_images:
-            grid += list(zip(images.cpu(), reconstructions.cpu()))
+        grid += [(images[i].cpu(), reconstructions[i].cpu()) for i in range(len(images)) if seen + i in grid_positions]
+        seen += len(images)
     arrays = {name: torch.cat(parts).numpy() for name, parts in values.items()}
-    count = len(arrays["psnr"])
+    count = len(arrays["psnr"])  # the images actually read: unreadable files are skipped
     if grid_path is not None and grid:
         originals, reconstructions = (torch.stack(images) for images in zip(*grid[:grid_images]))
         save_comparison_grid(originals, reconstructions, grid_path)

@@ -75,10 +75,9 @@ def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: f
         synchronize(device)
         return decoded, {"images": len(batch_labels), "ldm": sampled - began, "decode": time.perf_counter() - sampled}
 
-    if warmup:
-        state = torch.get_rng_state()  # the warm-up must not change which samples the run draws
-        sample_and_decode(labels[:batch_size].to(device))
-        torch.set_rng_state(state)
+    if warmup:  # in a forked RNG: the warm-up must not change which samples the run draws
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            sample_and_decode(labels[:batch_size].to(device))
     images, timings = [], []
     for start in tqdm(range(0, len(labels), batch_size), desc="sample", unit="batch", disable=not progress):
         decoded, timing = sample_and_decode(labels[start : start + batch_size].to(device))

@@ -126,3 +126,12 @@ def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(t
     assert (tmp_path / "reference_stats").is_dir()  # the reference is the evaluate stage's cached one
     meta = {"preset": "t", "command": "c", "machine": "m", "date": "d", "wall_minutes": 1.0, "compute_minutes": 1.0}
     assert f"score FID {floor['fid']:.1f} [" in reproduce.render_table([], [], meta, floor)
+
+
+def test_only_selects_rows_of_a_preset(tmp_path):
+    label, out, extra, preset = reproduce.parse_arguments(
+        ["preset=small32", f"out={tmp_path}/r", "only=vae_f4,epsvae_f8", "seed=1"], "mini")
+    assert label == "small32" and out.is_dir() and extra == ["seed=1"]
+    assert [entry["slug"] for entry in preset["tokenizers"]] == ["vae_f4", "epsvae_f8"]
+    with pytest.raises(ConfigError, match="has the rows"):
+        reproduce.parse_arguments(["preset=small32", f"out={tmp_path}/r", "only=nope"], "mini")

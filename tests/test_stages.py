@@ -116,3 +116,16 @@ def test_sample_stage_writes_pngs_grid_npz_and_throughput(trained):
         pngs = open_images(run / "images")
         np.testing.assert_array_equal(pngs.read(0, 20).permute(0, 2, 3, 1).numpy(), npz["arr_0"])
     assert (run / "grid.png").is_file()
+
+
+def test_throughput_is_the_median_over_full_batches_with_its_range():
+    from stage2_ldm.sample import throughput
+
+    timings = [{"images": 10, "ldm": ldm, "decode": 1.0} for ldm in (1.0, 4.0, 2.0)]
+    timings.append({"images": 3, "ldm": 0.01, "decode": 0.01})  # a short last batch would look fastest
+    speed = throughput(timings)
+    assert speed["timed_batches"] == 3
+    assert speed["ldm"] == pytest.approx(5.0) and speed["range"]["ldm"] == pytest.approx([2.5, 10.0])
+    assert speed["decode"] == pytest.approx(10.0)
+    assert speed["total"] == pytest.approx(10 / 3) and speed["range"]["total"] == pytest.approx([2.0, 5.0])
+    assert throughput([{"images": 3, "ldm": 1.0, "decode": 2.0}])["total"] == pytest.approx(1.0)
