@@ -223,16 +223,20 @@ PAPER = {
 
 
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
+    # A one-pass decoder (the VAE) has a single rFID; diffusion decoders one per NFE of the sweep.
+    sweep = sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
     lines = [f"# Reproduction: {meta['preset']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}; {meta['compute_minutes']:.1f} min in the pipeline steps "
              f"({meta['wall_minutes']:.1f} min in the last invocation, NFE sweep included)", "",
              "Brackets are 95% intervals: FID ± 1.96 bootstrap standard deviations over the images, PSNR/LPIPS "
              "Student t over the images, images/s the range over the timed batches.", "",
-             "| tokenizer | latent | rFID (NFE 1 / 2 / 3) | rFID | PSNR | LPIPS | gFID | images/s: DiT / decode / "
-             "end-to-end |", "|---|---|---|---|---|---|---|---|"]
+             f"| tokenizer | latent | rFID (NFE {' / '.join(map(str, sweep))}) | rFID | PSNR | LPIPS | gFID | images/s: "
+             f"DiT / decode / end-to-end |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        rfid = " / ".join(f"{value:.1f}" for value in row["rfid_by_nfe"].values())
+        by_nfe = row["rfid_by_nfe"]
+        rfid = (f"{next(iter(by_nfe.values())):.1f} (one pass)" if len(by_nfe) == 1 else
+                " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—" for nfe in sweep))
         speed = row["images_per_s"]
         lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | {rfid} | "
                      f"{format_interval(row['rfid'], row['rfid_ci95'])} | "

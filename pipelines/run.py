@@ -9,12 +9,16 @@ import importlib
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # before the slow imports: start-up takes seconds, and a signal then gets one line too
+    from shared.preemption import exit_cleanly_on_signals
+
+    exit_cleanly_on_signals()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 # `${repo_root:}` in configs: paths that work from any working directory (e.g. ../shared beside the checkout).
 if not OmegaConf.has_resolver("repo_root"):
     OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
@@ -59,9 +63,11 @@ def resolve_stage(cfg: DictConfig):
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig):
     stage = resolve_stage(cfg)
+    from shared.config_check import check_config
     from shared.errors import UserError
 
     try:
+        check_config(cfg)
         return stage(cfg)
     except UserError as error:
         raise SystemExit(f"error ({type(error).__name__}): {error}") from None

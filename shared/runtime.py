@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from shared.config_check import check_config
 from shared.errors import ConfigError
 
 # Keys that change how a run is shown, stored or laid out in memory, not what it computes: a rerun that differs
@@ -158,12 +159,34 @@ class Runtime:
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
 
+    def forget_metrics_after(self, step: int) -> None:
+        """Drop metrics.jsonl rows of steps after `step`: a run resumed from the checkpoint of `step` logs those
+        steps again, and the file should read like the uninterrupted run's."""
+        path = self.run_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _logged_step(line) <= step]
+        if len(kept) != len(lines):
+            temporary = path.with_name(f".{path.name}.tmp")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, path)
+
+    def save_config(self) -> None:
+        """Record the config in the run folder: once the run is accepted (a new folder, a resume whose checkpoint
+        matches, a finished stage), so that a rejected rerun leaves the folder describing what is in it."""
+        if self.is_main:
+            temporary = self.run_dir / ".config.yaml.tmp"
+            OmegaConf.save(self.cfg, temporary, resolve=True)
+            os.replace(temporary, self.run_dir / "config.yaml")
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
     def mark_done(self) -> None:
         if self.is_main:
+            self.save_config()
             (self.run_dir / "DONE").write_text(datetime.datetime.now().isoformat() + "\n")
 
     def close(self) -> None:
@@ -174,6 +197,14 @@ class Runtime:
             if isinstance(handler, logging.FileHandler):
                 handler.close()
                 self.log.removeHandler(handler)
+
+
+def _logged_step(line: str) -> float:
+    """The step of one metrics.jsonl row; a damaged row (a crash mid-write) counts as the latest."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> logging.Logger:
@@ -213,6 +244,7 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     goes to (and continues) that folder; a run left with the default name (the date and time, new on every
     invocation) continues the newest unfinished run of the same config, so rerunning a training command continues it.
     """
+    check_config(cfg)
     if cfg.launcher.kind != "deepspeed" and cfg.launcher.get("config"):
         raise ConfigError(f"launcher.config={cfg.launcher.config} is a DeepSpeed option but launcher="
                           f"{cfg.launcher.kind}; use launcher=deepspeed or drop launcher.config")
@@ -237,7 +269,7 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
                 run_dir = named
         run_dir = Path(run_dir)
         _check_writable(run_dir)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        new_run = not (run_dir / "config.yaml").is_file()
     if dist.is_initialized():  # every rank writes to the folder rank 0 chose (its clock may differ by a second)
         shared = [str(run_dir) if rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
@@ -249,6 +281,8 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     log = _setup_logging(run_dir, rank == 0)
     runtime = Runtime(cfg=cfg, device=device, autocast_dtype=autocast_dtype, run_dir=run_dir, rank=rank,
                       world_size=world_size, log=log)
+    if rank == 0 and new_run:
+        runtime.save_config()  # an existing folder keeps its config until the stage accepts this one
     log.info("stage=%s run_dir=%s device=%s precision=%s world_size=%d", cfg.stage, run_dir, device,
              autocast_dtype or "fp32", world_size)
     if rank == 0 and cfg.wandb.mode != "disabled":

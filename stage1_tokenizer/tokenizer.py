@@ -88,7 +88,7 @@ class DiffusionTokenizer(nn.Module):
         noise: the starting point x_1 (B, 3, h·f, w·f); drawn from torch's global RNG when not given.
         """
         condition = self.condition(z)
-        grid = time_grid(nfe or self.default_nfe, self.grid)
+        grid = time_grid(self.default_nfe if nfe is None else nfe, self.grid)
         x_0 = euler_sample(lambda x_t, t: self.predict(x_t, t, condition), self.initial_noise(z, noise), grid)
         return (x_0 / self.gamma).clamp(-1, 1)
 
@@ -144,7 +144,7 @@ class DDPMEpsVAE(EpsVAE):
     def decode(self, z: torch.Tensor, nfe: int | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         condition = self.condition(z)
         steps = self.chain.num_timesteps
-        respaced = self.chain.respace(nfe or self.default_nfe)
+        respaced = self.chain.respace(self.default_nfe if nfe is None else nfe)
         image = respaced.sample(lambda x_t, model_time: self.decoder(x_t, model_time / steps, condition),
                                 self.initial_noise(z, noise))
         return image.clamp(-1, 1)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from shared.data.latents import DTYPES, read_shard_info, shard_name, write_manifest, write_shard
+from shared.data.latents import DTYPES, read_shard_info, shard_damage, shard_name, write_manifest, write_shard
 from shared.errors import ConfigError, DataError
-from shared.train.checkpoint import resolve_checkpoint
+from shared.preemption import Preempted, PreemptionFlag, leave_signals_to_the_main_process
+from shared.train.checkpoint import load_checkpoint, resolve_checkpoint
 
 log = logging.getLogger("epsvae")
 
@@ -40,10 +42,7 @@ def tokenizer_fingerprint(checkpoint_path: str | Path, use_ema: bool = True) -> 
     weight tensor of its "tokenizer" network. Cheap: the checkpoint is memory-mapped and only those prefixes are
     read. checkpoint_path: a checkpoint file or a run folder (its newest checkpoint), as load_tokenizer takes."""
     path = resolve_checkpoint(checkpoint_path)
-    try:  # the project's own checkpoint, read as load_tokenizer reads it (it also holds optimizer and RNG states)
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise DataError(f"tokenizer checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+    checkpoint = load_checkpoint(path, mmap=True)
     weight_set = "ema" if use_ema and "tokenizer" in checkpoint.get("ema", {}) else "models"
     state = checkpoint.get(weight_set, {}).get("tokenizer")
     if state is None or "config" not in checkpoint or "step" not in checkpoint:
@@ -106,10 +105,15 @@ def encode_with_flip(tokenizer: torch.nn.Module, images: torch.Tensor, device: t
 
 
 def _pending_shards(split_dir: Path, shards: list[int], fingerprint: dict) -> list[int]:
-    """The shards among `shards` not yet complete; complete ones must come from the same tokenizer and data."""
+    """The shards among `shards` not yet complete; complete ones must come from the same tokenizer and data. A
+    damaged shard (truncated file, unreadable shard.json) is removed and counts as not yet written."""
     pending = []
     for shard_id in shards:
         shard_dir = split_dir / shard_name(shard_id)
+        damage = shard_damage(shard_dir) if shard_dir.is_dir() else None
+        if damage is not None:
+            log.warning("cache %s: %s is damaged (%s); writing it again", split_dir.name, shard_dir.name, damage)
+            shutil.rmtree(shard_dir)
         if not shard_dir.is_dir():
             pending.append(shard_id)
         elif read_shard_info(shard_dir)["fingerprint"] != fingerprint:
@@ -182,10 +186,11 @@ def _encode_shards(tokenizer: torch.nn.Module, dataset, split_dir: Path, shards:
     batches_of = {k: [list(r[i : i + batch_size]) for i in range(0, len(r), batch_size)] for k, r in shard_ranges.items()}
     loader = DataLoader(_IndexedImages(dataset), batch_sampler=[b for k in shards for b in batches_of[k]],
                         num_workers=num_workers, collate_fn=_collate_readable,
+                        worker_init_fn=leave_signals_to_the_main_process,
                         pin_memory=torch.device(device).type == "cuda")
     batches = iter(loader)
     tokenizer.eval()
-    with tqdm(total=sum(len(r) for r in shard_ranges.values()), unit="img", desc=f"cache {split_dir.name}",
+    with PreemptionFlag() as preemption, tqdm(total=sum(len(r) for r in shard_ranges.values()), unit="img", desc=f"cache {split_dir.name}",
               disable=not progress, smoothing=0.1) as bar:
         for shard_id in shards:
             means, stds, labels, indices, skipped = [], [], [], [], 0
@@ -204,6 +209,9 @@ def _encode_shards(tokenizer: torch.nn.Module, dataset, split_dir: Path, shards:
             write_shard(split_dir, shard_id, mean=_concatenate(means), std=_concatenate(stds),
                         label=_concatenate(labels), index=_concatenate(indices), skipped=skipped,
                         fingerprint=fingerprint)
+            if preemption.signal_name:
+                raise Preempted(f"received {preemption.signal_name}: shards up to {shard_name(shard_id)} are "
+                                f"written in {split_dir}; rerun the same command to encode the rest")
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:

@@ -155,7 +155,7 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
         metrics = {
             "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
             "sampler": cfg.sample.sampler or objective.samplers[0],
-            "steps": cfg.sample.steps or objective.default_steps, "decoder_nfe": cfg.decode.nfe,
+            "steps": objective.default_steps if cfg.sample.steps is None else cfg.sample.steps, "decoder_nfe": cfg.decode.nfe,
             "objective": config["objective"], "device": str(runtime.device),
             "images_per_s": throughput(timings),
             "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},

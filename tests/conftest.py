@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 
@@ -14,3 +15,15 @@ def imagenette() -> Path:
     if not (IMAGENETTE / "train").is_dir():
         pytest.skip(f"the ImageNet subset is not at {IMAGENETTE}")
     return IMAGENETTE
+
+
+@pytest.fixture
+def data_log():
+    """Records of the data logger (it may not propagate to the root logger once a run has set up logging)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("epsvae.data")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

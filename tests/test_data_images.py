@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,6 @@ from shared.errors import DataError
 
 IMAGENETTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenette2-224"
 GREYSCALE_FILE = "n01440764/n01440764_15560.JPEG"  # one of the 242 mode-"L" images of Imagenette's val split
-
-
-@pytest.fixture
-def data_log():
-    """Records of the data logger (it may not propagate to the root logger once a run has set up logging)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("epsvae.data")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 def jpeg_bytes(seed: int, size=(40, 30), mode="RGB") -> bytes:

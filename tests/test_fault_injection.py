@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.train.checkpoint import CheckpointDir
+from shared.train.checkpoint import CheckpointDir, load_checkpoint
 from tests.helpers import REPO, load_config
 
 STEPS = 12
@@ -66,7 +66,7 @@ def complete_steps(checkpoint_dir: Path) -> list[int]:
     """Steps of the named checkpoints, after checking that each one is a complete, loadable file."""
     steps = CheckpointDir(checkpoint_dir).steps()
     for step in steps:
-        assert torch.load(CheckpointDir(checkpoint_dir).path(step), weights_only=False)["step"] == step
+        assert load_checkpoint(CheckpointDir(checkpoint_dir).path(step))["step"] == step
     return steps
 
 
@@ -125,7 +125,7 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     assert sorted(expected) == list(range(1, STEPS + 1)) and {row["step"] for row in rows} == set(expected)
     for row in rows:
         assert {k: v for k, v in row.items() if k not in TIMING_KEYS} == expected[row["step"]], row["step"]
-    final = [torch.load(CheckpointDir(run / "checkpoints").path(STEPS), weights_only=False)
+    final = [load_checkpoint(CheckpointDir(run / "checkpoints").path(STEPS))
              for run in (reference, resumed)]
     for key in ("models", "ema", "backend"):
         assert_equal_nested(final[0][key], final[1][key], key)
@@ -206,6 +206,46 @@ def test_cache_killed_during_a_shard_write_completes_to_the_same_cache(tokenizer
     assert not (split_dir / "manifest.json").exists()
     finish(start(args, tmp_path / "rerun.log"), tmp_path / "rerun.log")
     assert not [p.name for p in split_dir.iterdir() if ".tmp" in p.name]
+    assert cache_files(cache_dir) == cache_files(reference_cache)
+
+
+@pytest.mark.parametrize("fault", ["SIGTERM", "SIGINT"])
+def test_cache_preempted_stops_after_its_shard_and_completes_to_the_same_cache(tokenizer_runs, reference_cache,
+                                                                             tmp_path, fault):
+    reference, _, _ = tokenizer_runs
+    cache_dir = tmp_path / "cache"
+    args = [*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"]
+    process = start(args, tmp_path / "preempted.log")
+    split_dir = cache_dir / "train"
+    wait_until(process, lambda: split_dir.is_dir() and any(".tmp" in p.name for p in split_dir.iterdir()))
+    process.send_signal(getattr(signal, fault))
+    process.wait(timeout=60)
+    output = (tmp_path / "preempted.log").read_text()
+    assert process.returncode == 1 and "Traceback" not in output, output
+    assert f"received {fault}: shards up to shard_" in output.strip().splitlines()[-1]
+    assert not (split_dir / "manifest.json").exists()
+    finish(start(args, tmp_path / "rerun.log"), tmp_path / "rerun.log")
+    assert cache_files(cache_dir) == cache_files(reference_cache)
+
+
+def test_cache_rerun_rewrites_a_truncated_shard(tokenizer_runs, reference_cache, tmp_path):
+    """A shard file cut short after the run (a partial copy, a full disk elsewhere) is found by its recorded size
+    on the next run of stage=cache, and written again."""
+    import shutil
+
+    from stage2_ldm.cache import main as cache_main
+
+    reference, _, _ = tokenizer_runs
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache_dir)
+    mean = cache_dir / "train" / "shard_000001" / "mean.npy"
+    mean.write_bytes(mean.read_bytes()[: mean.stat().st_size // 2])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the reference cache was made
+    try:
+        cache_main(load_config([*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"]))
+    finally:
+        torch.set_num_threads(threads)
     assert cache_files(cache_dir) == cache_files(reference_cache)
 
 

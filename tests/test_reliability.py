@@ -19,7 +19,7 @@ from shared import runtime as runtime_lib
 from shared.data.images import make_image_loader
 from shared.data.shards import write_shards
 from shared.errors import ConfigError, DataError
-from shared.train.checkpoint import CheckpointDir, atomic_save
+from shared.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint
 from shared.train.loop import LoopConfig, NonFiniteError, OptimConfig, TrainModule
 from tests.helpers import load_config, run_cli
 
@@ -88,7 +88,7 @@ def test_exploding_learning_rate_skips_counts_and_stops_with_a_checkpoint(tmp_pa
         range(step - max_nonfinite + 1, step + 1))
     assert all("loss/total" in line for line in warnings)
     assert metric_rows(run_dir)[-1] == {**metric_rows(run_dir)[-1], "step": step, "nonfinite_steps": max_nonfinite}
-    checkpoint = torch.load(CheckpointDir(run_dir / "checkpoints").latest(), weights_only=False)
+    checkpoint = load_checkpoint(CheckpointDir(run_dir / "checkpoints").latest())
     assert checkpoint["step"] == step
     assert all(torch.isfinite(w).all() for w in checkpoint["models"]["tokenizer"].values())  # NaN never applied
 

@@ -10,7 +10,8 @@ from omegaconf import open_dict
 
 from shared.data.latents import LatentCache
 from shared.metrics.image_io import open_images
-from shared.train.checkpoint import CheckpointDir, load_checkpoint
+from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
+from shared.train.loop import DEEPSPEED_GLOBALS
 from stage1_tokenizer.reconstruct import reconstruct
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage1_tokenizer.train import train_tokenizer
@@ -88,6 +89,7 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
                       output_root=trained["root"])
     checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm_deepspeed")
     assert (checkpoint.parent / "deepspeed" / "step_000000006").is_dir()
+    refuse_code_in(checkpoint.parent / "deepspeed", DEEPSPEED_GLOBALS)  # DeepSpeed's own files pass the scan
     dist.destroy_process_group()
     dit, config = load_ldm(checkpoint, "cpu")
     assert config["in_channels"] == 4 and config["num_classes"] == 10

@@ -11,7 +11,8 @@ from shared import runtime as runtime_lib
 from shared.data.sampler import ResumableBatchSampler
 from shared.errors import ConfigError
 from shared.train.checkpoint import CheckpointDir
-from shared.train.loop import LoopConfig, NonFiniteError, OptimConfig, Preempted, TrainModule, train
+from shared.preemption import Preempted
+from shared.train.loop import LoopConfig, NonFiniteError, OptimConfig, TrainModule, train
 from tests.helpers import load_config
 
 INPUTS = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))

@@ -34,13 +34,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from shared.data.sampler import ResumableBatchSampler
 from shared.data.synthetic import SyntheticImages
-from shared.data.transforms import preprocess
+from shared.data.transforms import IMAGE_EXTENSIONS, preprocess, to_rgb
 from shared.errors import DataError
+from shared.preemption import leave_signals_to_the_main_process
 
 log = logging.getLogger("epsvae.data")
 
 KINDS = ("synthetic", "imagefolder", "webdataset")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # also the webdataset image keys
 # What Pillow raises for a file that is not an image, is truncated or is corrupt.
 IMAGE_READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
@@ -67,11 +67,11 @@ def _kind(data_cfg: DictConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------- decoding
 def decode_image(source: str | Path | IO[bytes], name: str) -> Image.Image | None:
-    """The fully decoded image, or None (with a warning naming `name`) if it cannot be read."""
+    """The fully decoded image in RGB (to_rgb), or None (with a warning naming `name`) if it cannot be read."""
     try:
         with Image.open(source) as image:
             image.load()  # decode now: a truncated file fails here rather than later in a resize
-            return image
+            return to_rgb(image)  # here, so that a mode Pillow cannot convert counts as unreadable
     except IMAGE_READ_ERRORS as error:
         log.warning("skipping unreadable image %s: %s", name, error)
         return None
@@ -141,15 +141,40 @@ def read_class_map(path: str | Path) -> tuple[dict[str, int], dict[str, str]]:
     return indices, names
 
 
-def _class_folders(split_dir: Path) -> list[str]:
-    with os.scandir(split_dir) as entries:
-        return sorted(entry.name for entry in entries if entry.is_dir())
+def _entries(directory: Path, keep) -> tuple[list[str], list[str]]:
+    """(sorted names of the entries of `directory` that `keep(entry)` accepts, unreadable entries as messages).
+
+    Any OS error (permissions, a symlink loop, a file removed while listing, a stale network mount) makes the entry
+    unreadable rather than ending the listing; a directory that cannot be listed at all is one unreadable entry.
+    """
+    names, unreadable = [], []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                try:
+                    if keep(entry):
+                        names.append(entry.name)
+                except OSError as error:
+                    unreadable.append(f"{directory / entry.name}: {error.strerror or error}")
+    except OSError as error:
+        unreadable.append(f"{directory}: {error.strerror or error}")
+    return sorted(names), unreadable
 
 
-def _image_files(class_dir: Path) -> list[str]:
-    with os.scandir(class_dir) as entries:
-        return sorted(entry.name for entry in entries
-                      if entry.is_file() and entry.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+def _class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
+    return _entries(split_dir, lambda entry: entry.is_dir())
+
+
+def _image_files(class_dir: Path) -> tuple[list[str], list[str]]:
+    def is_image(entry: os.DirEntry) -> bool:
+        if entry.name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+            return False
+        if not entry.is_file():
+            entry.stat()  # a symlink loop or a dangling link raises here, and is reported as unreadable
+            return False
+        return True
+
+    return _entries(class_dir, is_image)
 
 
 class FolderIndex:
@@ -168,8 +193,21 @@ class FolderIndex:
             raise DataError(f"data.root {root} does not exist or is not a folder")
         if not self.split_dir.is_dir():
             raise DataError(f"no split folder {self.split_dir} (expected ImageNet layout {root}/{split}/<wnid>/*.JPEG)")
-        self.wnids = _class_folders(self.split_dir)
-        files = [f"{wnid}/{name}" for wnid in self.wnids for name in _image_files(self.split_dir / wnid)]
+        self.wnids, unreadable = _class_folders(self.split_dir)
+        files, empty = [], []
+        for wnid in self.wnids:
+            names, problems = _image_files(self.split_dir / wnid)
+            files += [f"{wnid}/{name}" for name in names]
+            unreadable += problems
+            empty += [] if names else [wnid]
+        self.unreadable_entries = len(unreadable)  # skipped while listing, beside images that fail to decode
+        if unreadable:
+            log.warning("%s: %d unreadable entries skipped, e.g. %s", self.split_dir, len(unreadable), unreadable[0])
+        if empty and len(empty) < len(self.wnids):
+            # An empty class folder keeps its index: labels are positions in the folder list, which must agree
+            # with the other splits. The class simply has no images here.
+            log.warning("%s: class folders without images (their class indices stay reserved): %s",
+                        self.split_dir, ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
         if not files:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the class folders of {self.split_dir}")
 
@@ -276,7 +314,7 @@ def _check_same_classes_as_train(data_cfg: DictConfig, root: str, index: FolderI
     silently get other labels than the training split."""
     train_dir = Path(root) / (data_cfg.get("train_split") or "train")
     if data_cfg.get("class_map") is None and train_dir.is_dir() and train_dir != index.split_dir:
-        if _class_folders(train_dir) != index.wnids:
+        if _class_folders(train_dir)[0] != index.wnids:
             raise DataError(f"the class folders of {index.split_dir} differ from those of {train_dir}, so class "
                             f"indices would not agree; set data.class_map to a file mapping wnid to index")
 
@@ -408,7 +446,7 @@ def _webdataset_loader(data_cfg: DictConfig, split: str, batch_size: int, *, tra
         log.warning("rank %d has %d shards for %d loader workers: some workers will idle", rank, shards_per_rank,
                     num_workers)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=leave_signals_to_the_main_process)
 
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -442,4 +480,4 @@ def make_image_loader(data_cfg: DictConfig | Mapping, split: str, batch_size: in
                                     world_size=world_size, start_batch=start_batch, infinite=train)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       collate_fn=functools.partial(collate_images, resolution=dataset.resolution),
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, worker_init_fn=leave_signals_to_the_main_process)

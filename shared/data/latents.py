@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,9 @@ STATS = "stats.json"
 SHARD_INFO = "shard.json"
 ARRAY_FILES = ("mean.npy", "std.npy", "label.npy", "index.npy", "moments.npy")
 DTYPES = ("float32", "float16")
+
+
+SHARD_NAME = re.compile(r"^shard_\d{6}$")
 
 
 def shard_name(shard_id: int) -> str:
@@ -99,6 +103,21 @@ def write_shard(split_dir: Path, shard_id: int, *, mean: np.ndarray, std: np.nda
     info = {"count": len(index), "skipped": skipped, "fingerprint": fingerprint, "files": files}
     _write_file(temporary / SHARD_INFO, (json.dumps(info, indent=1) + "\n").encode())
     os.rename(temporary, final)
+
+
+def shard_damage(shard_dir: Path) -> str | None:
+    """Why a complete-looking shard folder cannot be trusted (its shard.json unreadable, a file missing or of
+    another size than recorded: a truncation, a partial copy), or None. Cheap: no file is read but shard.json."""
+    try:
+        info = json.loads((shard_dir / SHARD_INFO).read_text())
+        files = info["files"] if info["count"] > 0 else {}
+        for name in ARRAY_FILES if files or info["count"] > 0 else ():
+            size = (shard_dir / name).stat().st_size
+            if size != files[name]["bytes"]:
+                return f"{name} has {size} bytes, shard.json records {files[name]['bytes']}"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
 
 
 def read_shard_info(shard_dir: Path) -> dict:
@@ -282,6 +301,10 @@ class LatentCache:
                             f"{channels}")
 
     def _open_shard(self, shard: dict, verify_checksums: bool) -> dict[str, np.ndarray]:
+        if not isinstance(shard.get("name"), str) or not SHARD_NAME.match(shard["name"]):
+            # The name is joined to the cache folder: "../x" or an absolute path would read files elsewhere.
+            raise DataError(f"{self.dir / MANIFEST} names a shard {shard.get('name')!r}, which is not a shard "
+                            f"folder name (shard_NNNNNN): the manifest is damaged; rerun stage=cache")
         shard_dir = self.dir / shard["name"]
         count, (c, h, w) = shard["count"], self.manifest["latent_shape"]
         expected_shapes = {"mean.npy": (count, 2, c, h, w), "std.npy": (count, 2, c, h, w), "label.npy": (count,),

@@ -29,6 +29,8 @@ class ResumableBatchSampler(Sampler[Batch]):
                  infinite: bool = True):
         if num_items <= 0:
             raise ValueError("cannot sample from an empty data set")
+        if batch_size < 1 or world_size < 1:  # an empty batch would make the epoch loop below spin for ever
+            raise ValueError(f"batch_size ({batch_size}) and world_size ({world_size}) must be at least 1")
         if infinite and num_items < batch_size * world_size:
             raise ValueError(f"{num_items} items are fewer than one global batch ({batch_size} x {world_size} ranks)")
         self.num_items, self.batch_size = num_items, batch_size

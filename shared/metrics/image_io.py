@@ -16,10 +16,10 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 
+from shared.data.transforms import IMAGE_EXTENSIONS, to_rgb
 from shared.errors import DataError
 from shared.metrics.inception import quantize_to_uint8
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 NPZ_IMAGES = "arr_0.npy"
 NPZ_LABELS = "arr_1.npy"
 
@@ -46,13 +46,13 @@ class ImageSet:
 
 
 class FolderImages(ImageSet):
-    """Every PNG/JPEG under a folder (recursively), sorted by relative path; greyscale and RGBA become RGB."""
+    """Every image (IMAGE_EXTENSIONS) under a folder (recursively), sorted by relative path, as RGB (to_rgb)."""
 
     def __init__(self, folder: Path):
         self.path = folder
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower()[1:] in IMAGE_EXTENSIONS and p.is_file())
         if not files:
-            raise DataError(f"no PNG or JPEG images in {folder}")
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
         self.files = files
         self.names = [p.relative_to(folder).with_suffix("").as_posix() for p in files]
         duplicates = len(self.names) - len(set(self.names))
@@ -64,8 +64,8 @@ class FolderImages(ImageSet):
     def _load(self, file: Path) -> torch.Tensor:
         try:
             with Image.open(file) as image:
-                array = np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as error:
+                array = np.asarray(to_rgb(image))
+        except (OSError, UnidentifiedImageError, ValueError) as error:
             raise DataError(f"cannot read the image {file}: {error}") from error
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 

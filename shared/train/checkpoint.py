@@ -1,22 +1,33 @@
-"""Checkpoints that survive a kill at any moment.
+"""Checkpoints that survive a kill at any moment, and that cannot run code when read.
 
 A checkpoint is written to a temporary file in the same folder, fsynced, then renamed over its final name, so a
 reader sees either the previous complete file or the new complete file, never half of one. The previous checkpoint
-is deleted only after the new one is in place.
+is deleted only after the new one is in place. Any failure of the write (a full disk raises RuntimeError from
+torch.save, not OSError) is one DataError, and the temporary file is always removed.
+
+A checkpoint holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so every read uses
+torch.load(weights_only=True): a file someone shared whose pickle would call a function is refused before anything
+in it runs.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.errors import DataError
 
 log = logging.getLogger("epsvae")
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
+# Checkpoints written before the RNG states were stored as plain values hold numpy's RNG key array. These globals
+# only rebuild arrays (numpy's reduce of an ndarray), so allowing them keeps those checkpoints readable without
+# allowing code; torch's documentation gives the same list for numpy arrays.
+NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -28,10 +39,12 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"could not write checkpoint {path}: {error.strerror or error}; the previous checkpoint "
-                        f"in {path.parent} is kept") from error
+    except Exception as error:  # OSError from open/fsync/rename, RuntimeError from torch.save's writer
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+        raise DataError(f"could not write checkpoint {path}: {reason}; the previous checkpoint in {path.parent} is "
+                        f"kept (free space or fix the folder, then rerun the same command)") from error
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after the rename; a failed write must not leave it behind
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -53,13 +66,44 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """A checkpoint dict from a file or a run folder (its newest checkpoint)."""
+def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint dict from a file or a run folder (its newest checkpoint), read without running any code.
+
+    mmap: map the tensors from the file instead of reading them (cheap when only a few values are needed).
+    """
     path = resolve_checkpoint(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:  # what weights_only raises for anything but tensors and plain values
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors and plain values"
+        raise DataError(f"checkpoint {path} holds {what}, which a safe load refuses, so nothing in it was run: it "
+                        f"was not written by this toolkit. Train with this toolkit, or load the weights with "
+                        f"the code that wrote them and save them as tensors") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise DataError(f"checkpoint {path} cannot be read ({type(error).__name__}: {error})") from error
+        raise DataError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    if not isinstance(checkpoint, dict):
+        raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not this toolkit's checkpoint dict")
+    return checkpoint
+
+
+def refuse_code_in(directory: Path, allowed: frozenset[str]) -> None:
+    """DataError if a torch file under `directory` references a global outside `allowed` (and numpy's arrays).
+
+    For files that another library reads with weights_only=False (DeepSpeed's optimiser shards): the pickles are
+    scanned, not run, so a file that would call anything else is refused before that library opens it.
+    """
+    allowed = allowed | {f"{g.__module__}.{g.__qualname__}" for g in NUMPY_ARRAY_GLOBALS}
+    for file in sorted(Path(directory).rglob("*.pt")):
+        try:
+            unexpected = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(file)) - allowed)
+        except Exception as error:
+            raise DataError(f"checkpoint file {file} cannot be read ({type(error).__name__}: {error})") from error
+        if unexpected:
+            raise DataError(f"checkpoint file {file} references {', '.join(unexpected)}, which a safe load refuses, "
+                            f"so it was not opened: it was not written by this toolkit's training")
 
 
 class CheckpointDir:
@@ -93,12 +137,20 @@ class CheckpointDir:
         return self.path(self.steps()[-1]) if self.steps() else None
 
     def load_latest(self, map_location="cpu") -> dict | None:
-        """The newest checkpoint that reads; an unreadable newer one (e.g. a full disk) is reported and skipped."""
+        """The newest checkpoint that reads; an unreadable newer one (e.g. a full disk) is reported and skipped.
+        None when there is none; a DataError when there are some and none reads, since starting over from step 0
+        would silently throw the run away."""
+        problems = []
         for step in reversed(self.steps()):
             try:
                 return load_checkpoint(self.path(step), map_location)
             except DataError as error:
                 log.warning("skipping unreadable checkpoint: %s", error)
+                problems.append(str(error))
+        if problems:
+            raise DataError(f"none of the {len(problems)} checkpoints in {self.directory} can be read (newest: "
+                            f"{problems[0]}); move them out of the folder to train this run from step 0, or use a "
+                            f"new name=...")
         return None
 
 

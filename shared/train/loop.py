@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.errors import ConfigError, UserError
+from shared.preemption import Preempted, PreemptionFlag
 from shared.runtime import Runtime, seed_everything
-from shared.train.checkpoint import CheckpointDir, load_checkpoint
+from shared.train.checkpoint import CheckpointDir, refuse_code_in
 from shared.train.ema import EMA
 
 
@@ -74,10 +74,6 @@ class NonFiniteError(UserError):
     """Too many non-finite steps in a row: the learning rate or the data are the user's to fix."""
 
 
-class Preempted(SystemExit):
-    pass
-
-
 def build_optimizer(parameters, optim: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (Adam when weight_decay = 0), fused on CUDA, multi-tensor elsewhere."""
     fused = device.type == "cuda"
@@ -89,31 +85,12 @@ def linear_warmup(optimizer, warmup_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
 
 
-class _PreemptionFlag:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the end of the current step and exits."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: signals stay with the caller
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values, so that a checkpoint loads with weights_only=True."""
+    numpy_state = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,7 +98,11 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        key = np.asarray(numpy_state["state"]["key"], dtype=np.int64).astype(np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    np.random.set_state(numpy_state)  # a dict, or the legacy tuple of a checkpoint written before plain values
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -198,6 +179,13 @@ class _LocalBackend:
         pass
 
 
+# What DeepSpeed's optimiser shards reference besides tensors and plain values: its own plain-data classes.
+DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.zero.config.ZeroStageEnum",
+                               "deepspeed.utils.tensor_fragment.fragment_address",
+                               "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                               "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"})
+
+
 class _DeepSpeedBackend:
     """A DeepSpeed engine around the module (one phase). The engine owns optimiser, clipping and warm-up via the
     JSON config; its own checkpoint (optimizer shards) sits beside ours under checkpoints/deepspeed/."""
@@ -256,6 +244,7 @@ class _DeepSpeedBackend:
         if not (checkpoint_dir / "deepspeed" / tag).is_dir():
             raise ConfigError(f"the checkpoint of step {step} in {checkpoint_dir} was written without DeepSpeed (no "
                               f"deepspeed/{tag}); resume it with the launcher that wrote it, or start a new name=...")
+        refuse_code_in(checkpoint_dir / "deepspeed" / tag, DEEPSPEED_GLOBALS)  # DeepSpeed loads them unsafely
         self.engine.load_checkpoint(str(checkpoint_dir / "deepspeed"), tag=tag)
 
 
@@ -298,6 +287,8 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
         counters.update(state["counters"])
         _set_rng_state(state["rng"][runtime.rank] if runtime.rank < len(state["rng"]) else state["rng"][0])
         runtime.log.info("resumed from %s at step %d", checkpoints.path(start_step), start_step)
+    runtime.save_config()  # accepted: the checkpoint, if any, was written for this model config
+    runtime.forget_metrics_after(start_step)
     if start_step >= loop.steps:
         runtime.log.info("already trained for %d steps; nothing to do", start_step)
         return TrainResult(start_step, checkpoints.latest(), counters["nonfinite_steps"])
@@ -322,7 +313,7 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[int], I
     bar = tqdm(total=loop.steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=not (progress and runtime.is_main))
     last_checkpoint = None
-    with _PreemptionFlag() as preemption:
+    with PreemptionFlag() as preemption:
         for step in range(start_step, loop.steps):
             batch = _to_device(next(batches), runtime.device)
             counters["skipped_images"] += int(batch.pop("skipped", 0))
