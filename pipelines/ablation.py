@@ -100,7 +100,20 @@ def steps_down(rows: list[dict], resamples: int, seed: int) -> list[dict]:
     return changes
 
 
-def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], meta: dict) -> str:
+def against_baselines(rows: list[dict], baselines: list[dict], resamples: int, seed: int) -> list[dict]:
+    """The top of the ladder (the paper's full ε-VAE) against each baseline on the same images: the paper's claim
+    is that it reconstructs better than the matched VAE (rFID 6.24 against 11.15)."""
+    top = rows[-1]
+    changes = []
+    for baseline in baselines:
+        measured = compare(top, baseline, ["rfid", "psnr"], resamples, seed)
+        changes.append({"from": baseline["slug"], "to": top["slug"], **{k: measured[k] for k in ("rfid", "psnr")},
+                        "verdict": verdict(measured["rfid"]["ci95"], "lower")})
+    return changes
+
+
+def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], versus: list[dict],
+                 meta: dict) -> str:
     subset = rows[0]["subset"]
     lines = [f"# Ablation ladder: {meta['preset']}", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ", f"Date: {meta['date']}; {meta['wall_minutes']:.1f} min in the last "
@@ -124,6 +137,15 @@ def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], m
         lines.append(f"| {row['label']} (baseline) | — | {format_interval(row['rfid'], row['rfid_ci95'])} | "
                      f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | — | — | "
                      f"{row['paper'].get('rfid', '—')} |")
+    lines += ["", f"The top of the ladder ({rows[-1]['label']}) against each baseline, paired on the same images; "
+              "the verdict on the paper's claim that it reconstructs better (lower rFID):", "",
+              "| baseline | rFID change | PSNR change | verdict |", "|---|---|---|---|"]
+    labels = {row["slug"]: row["label"] for row in baselines}
+    for change in versus:
+        lines.append(f"| {labels[change['from']]} | "
+                     f"{format_interval(change['rfid']['estimate'], change['rfid']['ci95'])} | "
+                     f"{format_interval(change['psnr']['estimate'], change['psnr']['ci95'], '.2f')} | "
+                     f"{change['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,13 +184,14 @@ def main(argv: list[str]) -> None:
         pipeline = Pipeline(base_cfg)
         baselines.append(row_of(entry, base_cfg, pipeline.run()["reconstruction"], pipeline))
     changes = steps_down(rows, cfg.evaluate.bootstrap, cfg.evaluate.subset_seed)
+    versus = against_baselines(rows, baselines, cfg.evaluate.bootstrap, cfg.evaluate.subset_seed)
     meta = {"preset": label, "command": "python pipelines/ablation.py " + " ".join(argv), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "budget": f"{cfg.tokenizer.train.steps} steps × {cfg.tokenizer.train.batch_size} images at "
                       f"{cfg.data.resolution} px"}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "changes": changes,
-                                                  "baselines": baselines}, indent=2) + "\n")
-    (out / "table.md").write_text(render_table(rows, changes, baselines, meta))
+                                                  "baselines": baselines, "against_baselines": versus}, indent=2) + "\n")
+    (out / "table.md").write_text(render_table(rows, changes, baselines, versus, meta))
     plot(rows, baselines, out)
     print((out / "table.md").read_text())
 

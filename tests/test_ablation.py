@@ -1,6 +1,8 @@
 """pipelines/ablation.py: cumulative rungs, decode-only rungs reuse a tokenizer, paired changes and the table."""
 import json
 
+import pytest
+
 from pipelines import ablation, reproduce
 
 
@@ -50,6 +52,10 @@ baselines:
     assert "reproduce_tiny_flow" in grid_metrics["checkpoint"]  # decoded with the previous rung's tokenizer
     assert not (tmp_path / "pipeline" / "reproduce_tiny_grid" / "tokenizer").exists()  # nothing was retrained
     assert results["baselines"][0]["slug"] == "vae"
+    versus = results["against_baselines"][0]  # the top rung against the matched VAE, on the same images
+    assert (versus["from"], versus["to"]) == ("vae", "grid")
+    assert versus["rfid"]["estimate"] == pytest.approx(results["rows"][-1]["rfid"] - results["baselines"][0]["rfid"])
+    assert versus["verdict"] in ("reproduced", "contradicted", "inconclusive")
     table = (out / "table.md").read_text()
-    assert "| DDPM | 4 / 1000 |" in table and "(baseline)" in table and "Budget per rung: 4 steps × 8 images" in table
+    assert "| DDPM | 4 / 1000 |" in table and "(baseline)" in table and f"| VAE | {versus['rfid']['estimate']:.1f} [" in table and "Budget per rung: 4 steps × 8 images" in table
     assert (out / "rfid_ladder.png").stat().st_size > 0
