@@ -119,13 +119,11 @@ class Pipeline:
     def run_ldm(self) -> None:
         if (self.folder("ldm") / "DONE").exists():
             return
-        from stage2_ldm.sample import preview_grid
         from stage2_ldm.train import train_ldm
 
         cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint())})
-        self._timed("ldm", lambda: train_ldm(
-            cfg, cache_dir=self.folder("cache"), run_dir=self.folder("ldm"),
-            on_sample=lambda step, dit, config, runtime: preview_grid(cfg, step, dit, config, runtime)))
+        self._timed("ldm", lambda: train_ldm(cfg, cache_dir=self.folder("cache"), run_dir=self.folder("ldm"),
+                                             previews=True))
 
     def run_sample(self) -> None:
         if (self.folder("sample") / "metrics.json").exists():

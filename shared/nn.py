@@ -1,4 +1,4 @@
-"""Network blocks shared by the stage-1 decoders and the stage-2 DiT."""
+"""Network blocks shared by the stage-1 decoders and the stage-2 DiT (its transformer blocks: shared/dit_blocks.py)."""
 from __future__ import annotations
 
 import math
@@ -8,12 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) times t (B,) -> (B, dim), as in the Transformer / ADM.
+# Networks see a flow time t ∈ [0, 1] as FLOW_TIME_SCALE · t: the range of DDPM's integer steps (a 1000-step
+# chain), so that flow and DDPM times span the same frequencies of the sinusoidal embedding.
+FLOW_TIME_SCALE = 1000.0
 
-    Flow times in [0, 1] are multiplied by 1000 by the callers so that they span the same frequencies as
-    DDPM's integer steps.
-    """
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) times t (B,) -> (B, dim), as in the Transformer / ADM."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]

@@ -37,7 +37,7 @@ def resolve_device(spec: str) -> torch.device:
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"device={spec} was asked for but CUDA is not available on this machine; use device=cpu")
+        raise ConfigError(f"device={spec} was asked for but CUDA is not available on this machine; use device=cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return device
@@ -51,7 +51,7 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
         return None
     if spec == "bf16":
         return torch.bfloat16
-    raise SystemExit(f"precision={spec!r} is not one of auto, fp32, bf16")
+    raise ConfigError(f"precision={spec!r} is not one of auto, fp32, bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -253,7 +253,7 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     if cfg.launcher.kind in ("ddp", "deepspeed"):
         init_process_group(cfg.launcher, device)
     elif int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("Several processes were launched but launcher=local; use launcher=ddp or launcher=deepspeed")
+        raise ConfigError("Several processes were launched but launcher=local; use launcher=ddp or launcher=deepspeed")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     if device.type == "cuda":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.nn import TimestepEmbedder
+from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder
 from stage1_tokenizer.encoder import AdaGroupNorm
 
 
@@ -77,7 +77,7 @@ class TimeConditionedPatchDiscriminator(nn.Module):
 
     def __init__(self, ndf: int = 64, n_layers: int = 3, embedding_dim: int = 256, image_channels: int = 3):
         super().__init__()
-        self.time_embedder = TimestepEmbedder(embedding_dim, time_scale=1000.0)
+        self.time_embedder = TimestepEmbedder(embedding_dim, time_scale=FLOW_TIME_SCALE)
         self.stack = PatchStack(2 * image_channels, ndf, n_layers, lambda width: AdaGroupNorm(width, embedding_dim),
                                 conditioned=True)
         init_weights(self.stack)

@@ -2,9 +2,9 @@
 
 x_t (B, 3, H, W) concatenated with the nearest-upsampled latent (B, C, H, W) is cut into p×p patches, one token
 each, plus a 2D sin-cos position embedding computed for the grid at hand (so any H, W divisible by p decode);
-adaLN-Zero blocks conditioned on the flow time t (embedded as 1000·t) and a final adaLN layer map the tokens back
-to velocity patches. The blocks are stage 2's DiT blocks (stage2_ldm/dit.py); only the conditioning differs:
-t alone, the latent enters through the input.
+adaLN-Zero blocks conditioned on the flow time t (embedded as FLOW_TIME_SCALE · t) and a final adaLN layer map the
+tokens back to velocity patches. The blocks are the DiT blocks stage 2 also uses (shared/dit_blocks.py); only the
+conditioning differs: t alone, the latent enters through the input.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from shared.nn import TimestepEmbedder, zero_module
+from shared.dit_blocks import DiTBlock, FinalLayer, sincos_2d
+from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder, zero_module
 from stage1_tokenizer.unet import resize_condition
-from stage2_ldm.dit import DiTBlock, FinalLayer, sincos_2d
 
 
 class DiTDecoder(nn.Module):
@@ -26,7 +26,7 @@ class DiTDecoder(nn.Module):
         self.patch_size = patch_size
         self.hidden_size = hidden_size
         self.patch_embed = nn.Conv2d(image_channels + condition_channels, hidden_size, patch_size, stride=patch_size)
-        self.time_embedder = TimestepEmbedder(hidden_size, time_scale=1000.0)
+        self.time_embedder = TimestepEmbedder(hidden_size, time_scale=FLOW_TIME_SCALE)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, image_channels)
         for block in self.blocks:  # adaLN-Zero: every block, and the output, start at zero

@@ -29,19 +29,23 @@ from stage1_tokenizer import losses
 from stage1_tokenizer.discriminator import build_discriminator
 from stage1_tokenizer.tokenizer import DiffusionTokenizer, Tokenizer, as_dict, build_tokenizer
 
-# The paper's weights where it gives them; r1 is OPEN (R1 on the mean patch logit; 1.0 is StyleGAN's γ = 2).
-DEFAULT_LOSS = dict(velocity=1.0, lpips=0.5, lpips_net="alex", adversarial=0.5, r1=1.0, kl=1e-6,
-                    reconstruction=1.0, reconstruction_kind="l1", disc_start=0)
-DEFAULT_FLOW = dict(t_sampling="logit_normal", logit_mean=0.0, logit_std=1.0, gamma=1.0, grid="reversed_log",
-                    process="rectified_flow")
+# The keys of tokenizer.loss and tokenizer.flow. Their values come from the config group alone (each family's base
+# file, e.g. configs/tokenizer/epsvae_sd_b.yaml): defaults here as well would be a second source that can disagree.
+LOSS_KEYS = ("velocity", "lpips", "lpips_net", "adversarial", "r1", "kl", "reconstruction", "reconstruction_kind",
+             "disc_start")
+FLOW_KEYS = ("process", "t_sampling", "logit_mean", "logit_std", "gamma", "grid")
 
 
-def with_defaults(section, defaults: dict, key: str) -> dict:
+def complete_section(section, keys: tuple[str, ...], key: str) -> dict:
+    """The config section `key` as a dict of exactly `keys`; a missing or unknown key is a ConfigError."""
     values = as_dict(section or {})
-    unknown = sorted(set(values) - set(defaults))
+    unknown = sorted(set(values) - set(keys))
     if unknown:
-        raise ConfigError(f"{key} has unknown keys {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **values}
+        raise ConfigError(f"{key} has unknown keys {unknown}; known: {sorted(keys)}")
+    missing = [name for name in keys if name not in values]
+    if missing:
+        raise ConfigError(f"{key} lacks {', '.join(missing)}: every tokenizer config sets them (configs/tokenizer/)")
+    return values
 
 
 @dataclass
@@ -61,13 +65,14 @@ class TokenizerObjective(nn.Module):
         self.tokenizer = tokenizer
         self.discriminator = discriminator
         self.lpips = lpips
-        self.loss = with_defaults(loss_cfg, DEFAULT_LOSS, "tokenizer.loss")
-        self.flow = with_defaults(flow_cfg, DEFAULT_FLOW, "tokenizer.flow")
+        self.loss = complete_section(loss_cfg, LOSS_KEYS, "tokenizer.loss")
+        # The VAE has no flow (tokenizer.flow: null).
+        self.flow = complete_section(flow_cfg, FLOW_KEYS, "tokenizer.flow") if self.diffusion else None
         if self.loss["lpips"] and lpips is None:
             raise ConfigError("tokenizer.loss.lpips > 0 needs an LPIPS network")
         if self.loss["adversarial"] and discriminator is None:
             raise ConfigError("tokenizer.loss.adversarial > 0 needs a discriminator (tokenizer.discriminator)")
-        if self.flow["t_sampling"] not in ("logit_normal", "uniform"):
+        if self.diffusion and self.flow["t_sampling"] not in ("logit_normal", "uniform"):
             raise ConfigError(f"tokenizer.flow.t_sampling={self.flow['t_sampling']!r} is not logit_normal or uniform")
         self._pending: DiscriminatorBatch | None = None
 
@@ -161,7 +166,7 @@ def build_lpips(net: str) -> nn.Module:
 def build_objective(tok_cfg) -> TokenizerObjective:
     """Tokenizer, discriminator and LPIPS as the tokenizer config says."""
     cfg = as_dict(tok_cfg)
-    loss_cfg = with_defaults(cfg.get("loss"), DEFAULT_LOSS, "tokenizer.loss")
+    loss_cfg = complete_section(cfg.get("loss"), LOSS_KEYS, "tokenizer.loss")
     if cfg.get("kind") == "dgae" and loss_cfg["adversarial"]:
         raise ConfigError("tokenizer.loss.adversarial must be 0 for kind=dgae: DGAE is trained without a GAN")
     tokenizer = build_tokenizer(cfg)

@@ -38,8 +38,8 @@ PROCESSES = ("rectified_flow", "ddpm")
 class DiffusionTokenizer(nn.Module):
     """Encoder + velocity model G(x_t, t, condition). Subclasses say what conditions G: z itself or features of z."""
 
-    def __init__(self, encoder: Encoder, decoder: nn.Module, latent_channels: int, downsample: int,
-                 gamma: float = 1.0, grid: str = "reversed_log", default_nfe: int = DEFAULT_NFE):
+    def __init__(self, encoder: Encoder, decoder: nn.Module, latent_channels: int, downsample: int, gamma: float,
+                 grid: str, default_nfe: int = DEFAULT_NFE):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -221,18 +221,22 @@ def build_tokenizer(tok_cfg) -> Tokenizer:
                             latent_channels=latent_channels)
         return VAE(encoder, decoder, latent_channels, downsample)
 
-    flow = cfg.get("flow", {})
-    process = flow.get("process", "rectified_flow")
+    flow = cfg.get("flow") or {}
+    missing = [key for key in ("process", "gamma", "grid") if key not in flow]
+    if missing:
+        raise ConfigError(f"tokenizer.flow lacks {', '.join(missing)}: a diffusion tokenizer's config sets them "
+                          f"(configs/tokenizer/)")
+    process, gamma, grid = flow["process"], flow["gamma"], flow["grid"]
     if process not in PROCESSES:
         raise ConfigError(f"tokenizer.flow.process={process!r} is not one of {', '.join(PROCESSES)}")
-    if process == "ddpm" and (kind != "epsvae" or flow.get("gamma", 1.0) != 1.0):
+    if process == "ddpm" and (kind != "epsvae" or gamma != 1.0):
         raise ConfigError("tokenizer.flow.process=ddpm is the ablation's ε-VAE decoder: it needs kind=epsvae and "
                           "tokenizer.flow.gamma=1.0 (γ scales the rectified flow only)")
-    if flow.get("grid", "reversed_log") not in GRID_KINDS:
-        raise ConfigError(f"tokenizer.flow.grid={flow.get('grid')!r} is not one of {', '.join(GRID_KINDS)}")
-    if not flow.get("gamma", 1.0) > 0:
-        raise ConfigError(f"tokenizer.flow.gamma={flow.get('gamma')} must be positive")
-    flow_args = dict(gamma=float(flow.get("gamma", 1.0)), grid=flow.get("grid", "reversed_log"))
+    if grid not in GRID_KINDS:
+        raise ConfigError(f"tokenizer.flow.grid={grid!r} is not one of {', '.join(GRID_KINDS)}")
+    if not gamma > 0:
+        raise ConfigError(f"tokenizer.flow.gamma={gamma} must be positive")
+    flow_args = dict(gamma=float(gamma), grid=grid)
     if kind == "epsvae":
         tokenizer_class = DDPMEpsVAE if process == "ddpm" else EpsVAE
         return tokenizer_class(encoder, build_denoiser(decoder_cfg, latent_channels), latent_channels, downsample,
@@ -249,11 +253,23 @@ def build_tokenizer(tok_cfg) -> Tokenizer:
     return DGAE(encoder, DGAEDecoder(feature_decoder, denoiser), latent_channels, downsample, **flow_args)
 
 
+def upgrade_stored_config(config: dict) -> dict:
+    """A checkpoint's stored tokenizer config in today's terms. tokenizer.flow.process came with the ablation's DDPM
+    decoder; every diffusion tokenizer stored before it is a rectified flow."""
+    flow = config.get("flow")
+    if flow is None or "process" in flow:
+        return config
+    return {**config, "flow": {**flow, "process": "rectified_flow"}}
+
+
 def load_tokenizer(path, device: torch.device | str, use_ema: bool = True) -> Tokenizer:
     """The tokenizer of a training checkpoint (its config is stored in it), on `device`, in eval mode."""
     state_dict, config = load_model_state(path, "tokenizer", use_ema)
     if not config:
         raise DataError(f"checkpoint {path} stores no tokenizer config")
-    tokenizer = build_tokenizer(config)
+    try:
+        tokenizer = build_tokenizer(upgrade_stored_config(config))
+    except ConfigError as error:
+        raise DataError(f"checkpoint {path} stores a tokenizer config that cannot be built: {error}") from None
     tokenizer.load_state_dict(state_dict)
     return tokenizer.to(device).eval()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.nn import TimestepEmbedder, zero_module
+from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder, zero_module
 from stage1_tokenizer.encoder import AttentionBlock, Downsample, MiddleBlock, ResBlock, Upsample, group_norm
 
 
@@ -39,7 +39,7 @@ class ADMUNet(nn.Module):
     """G(x_t, t, condition) -> velocity (B, 3, H, W).
 
     x_t (B, 3, H, W) is the network input (already scaled by c_in(t), shared/flow.py); t (B,) flow time in [0, 1]
-    (embedded as 1000·t, the frequencies of DDPM's integer steps); condition (B, C_cond, h, w), any h, w.
+    (embedded as FLOW_TIME_SCALE · t, the frequencies of DDPM's integer steps); condition (B, C_cond, h, w), any h, w.
     """
 
     def __init__(self, condition_channels: int, base_channels: int = 128, channel_mult: Sequence[int] = (1, 1, 2, 2, 4),
@@ -52,7 +52,7 @@ class ADMUNet(nn.Module):
         super().__init__()
         embedding_dim = 4 * base_channels
         self.levels = len(channel_mult)
-        self.time_embedder = TimestepEmbedder(embedding_dim, frequency_dim=base_channels, time_scale=1000.0)
+        self.time_embedder = TimestepEmbedder(embedding_dim, frequency_dim=base_channels, time_scale=FLOW_TIME_SCALE)
         self.conv_in = nn.Conv2d(image_channels + condition_channels, base_channels, 3, padding=1)
 
         def level_blocks(in_channels: int, out_channels: int, level: int) -> TimestepSequential:

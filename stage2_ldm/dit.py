@@ -8,33 +8,25 @@ final adaLN layer maps each token back to a p×p patch of C_out channels:
 
 Time convention: t is given in DDPM step units, t ∈ [0, 1000], noise at the high end. The DDPM objective passes
 its integer step of the 1000-step chain (also when sampling on a respaced chain); the flow objective passes
-1000 · t for the flow time t ∈ [0, 1]. Both then use the full range of the sinusoidal time features.
+FLOW_TIME_SCALE · t = 1000 · t for the flow time t ∈ [0, 1] (shared/nn.py). Both then use the full range of the
+sinusoidal time features.
+
+build_dit makes the DiT of an `ldm` config group; load_dit rebuilds a trained one from its checkpoint, whose stored
+model config (stage2_ldm/train.py:model_config) adds the latent geometry and classes to that group.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from einops import rearrange
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from shared.dit_blocks import DiTBlock, FinalLayer, sincos_2d
 from shared.errors import ConfigError
-from shared.nn import SelfAttention, TimestepEmbedder, modulate, zero_module
-
-
-def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """positions (N,) -> (N, dim): [sin(pos · ω_k), cos(pos · ω_k)] with ω_k = 10000^(-2k / dim)."""
-    omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
-    angles = positions.double()[:, None] * omega[None]
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()
-
-
-def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
-    """Fixed position embedding of a height × width token grid, (height · width, dim) in row-major token order:
-    the first half of the channels encodes the row, the second half the column."""
-    if dim % 4:
-        raise ValueError(f"a 2D sin-cos embedding needs a width divisible by 4, got {dim}")
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    return torch.cat([sincos_1d(rows.flatten(), dim // 2), sincos_1d(cols.flatten(), dim // 2)], dim=1)
+from shared.nn import TimestepEmbedder, zero_module
+from shared.train.checkpoint import load_model_state
 
 
 class LabelEmbedder(nn.Module):
@@ -59,44 +51,6 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
         return self.table(self.drop(labels, force_drop))
-
-
-class DiTBlock(nn.Module):
-    """Pre-norm transformer block conditioned by adaLN-Zero:
-        (shift₁, scale₁, gate₁, shift₂, scale₂, gate₂) = Linear(SiLU(c))
-        x ← x + gate₁ · Attention(LN(x) · (1 + scale₁) + shift₁)
-        x ← x + gate₂ · MLP(LN(x) · (1 + scale₂) + shift₂)
-    With the modulation layer initialised to zero every gate is 0, so each block starts as the identity.
-    """
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
-        super().__init__()
-        mlp_width = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_width), nn.GELU(approximate="tanh"), nn.Linear(mlp_width, dim))
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (B, N, D) tokens, c (B, D) conditioning."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
-        return x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift and scale, no gate) then a linear map of each token (B, N, D) to a patch (B, N, p·p·C_out)."""
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class DiT(nn.Module):
@@ -184,3 +138,17 @@ def build_dit(ldm_cfg: DictConfig, in_channels: int, input_size: int, num_classe
                patch_size=ldm_cfg.patch_size, hidden_size=ldm_cfg.hidden_size, depth=ldm_cfg.depth,
                num_heads=ldm_cfg.num_heads, mlp_ratio=ldm_cfg.mlp_ratio, class_dropout=ldm_cfg.class_dropout,
                learn_sigma=ldm_cfg.learn_sigma)
+
+
+def dit_from_model_config(config: dict) -> DiT:
+    """The DiT of a stored model config: the `ldm` group plus in_channels, input_size and num_classes."""
+    return build_dit(OmegaConf.create(config), config["in_channels"], config["input_size"], config["num_classes"])
+
+
+def load_dit(path: str | Path, device: torch.device | str, use_ema: bool = True) -> tuple[DiT, dict]:
+    """The DiT of a stage=ldm checkpoint (file or run folder), on `device`, in eval mode, and its stored model
+    config."""
+    state, config = load_model_state(path, "dit", use_ema=use_ema)
+    dit = dit_from_model_config(config)
+    dit.load_state_dict(state)
+    return dit.to(device).eval(), config

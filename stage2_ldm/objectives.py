@@ -8,7 +8,7 @@
   samples with the ancestral sampler on a respaced chain (250 steps by default).
 - FlowObjective: rectified flow, x_t = (1 − t) x0 + t ε, velocity MSE, t logit-normal or uniform (SiT-style);
   samples by integrating the ODE from t = 1 to 0 with Euler or Heun on a uniform grid (50 steps by default).
-Both condition the network on time in DDPM step units (stage2_ldm/dit.py): the DDPM step, or 1000 · t.
+Both condition the network on time in DDPM step units (stage2_ldm/dit.py): the DDPM step, or FLOW_TIME_SCALE · t.
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ from tqdm.auto import tqdm
 from shared import flow
 from shared.ddpm import GaussianDiffusion
 from shared.errors import ConfigError
-
-FLOW_TIME_SCALE = 1000.0
-
+from shared.nn import FLOW_TIME_SCALE
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -22,18 +22,10 @@ from shared.runtime import synchronize
 from shared.data.latents import LatentStats
 from shared.errors import ConfigError, DataError
 from shared.metrics.image_io import open_images, save_image_grid, save_images, write_npz
-from shared.train.checkpoint import load_model_state, resolve_checkpoint
+from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
+from stage2_ldm.dit import load_dit
 from stage2_ldm.objectives import build_objective
-from stage2_ldm.train import build_from_model_config
-
-
-def load_ldm(path: str | Path, device: torch.device, use_ema: bool = True) -> tuple[torch.nn.Module, dict]:
-    """The DiT of a stage=ldm checkpoint (file or run folder) and its stored model config."""
-    state, config = load_model_state(path, "dit", use_ema=use_ema)
-    dit = build_from_model_config(config)
-    dit.load_state_dict(state)
-    return dit.to(device).eval(), config
 
 
 def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:
@@ -133,7 +125,7 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
     the labels (rank r takes every world_size-th) and rank 0 assembles the npz."""
     runtime = runtime_lib.setup(cfg, run_dir=out_dir)
     torch.manual_seed(cfg.seed + runtime.rank)
-    dit, config = load_ldm(ldm_checkpoint, runtime.device, use_ema=True)
+    dit, config = load_dit(ldm_checkpoint, runtime.device, use_ema=True)
     tokenizer = _tokenizer_for(cfg, config, runtime.device)
     labels = labels_to_sample(cfg.sample, config["num_classes"])
     indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]

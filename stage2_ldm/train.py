@@ -19,8 +19,9 @@ from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import resolve_checkpoint
 from shared.train.loop import TrainModule, train
 from shared.train.setup import loop_config, optim_config
-from stage2_ldm.dit import build_dit
+from stage2_ldm.dit import dit_from_model_config
 from stage2_ldm.objectives import build_objective
+from stage2_ldm.sample import preview_grid
 
 TRAINING_ONLY_KEYS = ("train", "checkpoint")
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +64,6 @@ def model_config(cfg: DictConfig, cache: LatentCache, tokenizer_checkpoint: str 
     return config
 
 
-def build_from_model_config(config: dict) -> torch.nn.Module:
-    return build_dit(OmegaConf.create(config), config["in_channels"], config["input_size"], config["num_classes"])
-
-
 def deepspeed_config(cfg: DictConfig, micro_batch: int) -> dict | None:
     if cfg.launcher.kind != "deepspeed":
         return None
@@ -81,9 +78,10 @@ def deepspeed_config(cfg: DictConfig, micro_batch: int) -> dict | None:
 
 
 def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str | Path | None = None,
-              on_sample=None) -> Path:
+              previews: bool = False) -> Path:
     """Train (or resume) the DiT on the latent cache at `cache_dir` (default cfg.cache.dir); returns the final
-    checkpoint. `on_sample(step, ema_dit, model_config, run_dir)` draws preview grids (stage2_ldm/sample.py)."""
+    checkpoint. previews: every ldm.train.sample_every steps, decode a grid of the EMA DiT's samples
+    (stage2_ldm/sample.py:preview_grid)."""
     cache_dir = Path(cache_dir or cfg.cache.dir)
     tokenizer_checkpoint = cfg.tokenizer.get("checkpoint")
     expected_fingerprint = None
@@ -96,7 +94,7 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
     train_cfg = cfg.ldm.train
     cache = LatentCache(cache_dir, "train", expected_tokenizer_fingerprint=expected_fingerprint)
     config = model_config(cfg, cache, tokenizer_checkpoint)
-    dit = build_from_model_config(config)
+    dit = dit_from_model_config(config)
     if cfg.compile:
         dit.compile()  # in place: parameter names, and so checkpoints, stay those of the plain module
     module = LatentDiffusionTraining(dit, build_objective(cfg.ldm), cache.stats)
@@ -109,20 +107,16 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
                                   world_size=runtime.world_size, start_batch=start_step,
                                   expected_tokenizer_fingerprint=expected_fingerprint)
 
-    preview = None
-    if on_sample is not None:
-        def preview(step, ema):
-            on_sample(step, ema.model, config, runtime)
+    def preview(step: int, ema) -> None:
+        preview_grid(cfg, step, ema.model, config, runtime)
 
     result = train(runtime, module, make_batches, loop, model_config=config, images_per_batch=train_cfg.batch_size,
-                   on_sample=preview, deepspeed_config=deepspeed_config(cfg, train_cfg.batch_size),
-                   progress=cfg.progress)
+                   on_sample=preview if previews else None,
+                   deepspeed_config=deepspeed_config(cfg, train_cfg.batch_size), progress=cfg.progress)
     runtime.mark_done()
     runtime.close()
     return result.checkpoint
 
 
 def main(cfg: DictConfig) -> None:
-    from stage2_ldm.sample import preview_grid
-
-    train_ldm(cfg, on_sample=lambda step, dit, config, runtime: preview_grid(cfg, step, dit, config, runtime))
+    train_ldm(cfg, previews=True)

@@ -21,6 +21,7 @@ def test_the_ladder_presets_rungs_accumulate_their_changes():
     assert len({(cfg.tokenizer.train.steps, cfg.tokenizer.train.batch_size) for cfg in configs.values()}) == 1
 
 
+@pytest.mark.slow
 def test_a_tiny_ladder_runs_end_to_end_and_reuses_the_tokenizer_of_a_decode_only_rung(tmp_path):
     preset = tmp_path / "tiny.yaml"
     preset.write_text("""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.helpers import run_cli
 
 SECTIONS = ("DiT train step", "DiT sampling step", "DiT sampling of", "SD-VAE encode", "SD-VAE decode",
@@ -10,6 +12,7 @@ SECTIONS = ("DiT train step", "DiT sampling step", "DiT sampling of", "SD-VAE en
             "FID Inception features")
 
 
+@pytest.mark.slow
 def test_quick_bench_reports_every_section_with_equivalent_models(tmp_path):
     run_cli("stage=bench", "bench.quick=true", "wandb.mode=disabled", f"output_root={tmp_path}",
             f"bench.out={tmp_path / 'copy' / 'bench'}", timeout=400)

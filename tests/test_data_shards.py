@@ -175,6 +175,7 @@ def test_stage_needs_an_image_folder():
         shards_main(OmegaConf.create({"data": {"kind": "synthetic"}}))
 
 
+@pytest.mark.slow
 def test_stage_shards_from_the_command_line(folder, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(

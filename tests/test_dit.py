@@ -1,18 +1,16 @@
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from shared.dit_blocks import sincos_2d
 from shared.errors import ConfigError
-from stage2_ldm.dit import DiT, LabelEmbedder, build_dit, sincos_2d
-
-LDM_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ldm"
+from stage2_ldm.dit import DiT, LabelEmbedder, build_dit
+from tests.helpers import load_config
 
 
 def ldm_config(name: str, **overrides):
-    cfg = OmegaConf.load(LDM_CONFIGS / f"{name}.yaml")
+    cfg = load_config([f"ldm={name}"]).ldm
     for key, value in overrides.items():
         cfg[key] = value
     return cfg

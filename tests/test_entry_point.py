@@ -1,6 +1,10 @@
 """`python pipelines/run.py`: stage dispatch and the errors a user sees for a missing stage or a config typo."""
+import pytest
+
 from pipelines.run import STAGES
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
 
 
 def test_missing_stage_lists_every_stage_without_a_traceback():

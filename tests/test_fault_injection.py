@@ -22,6 +22,8 @@ import torch
 from shared.train.checkpoint import CheckpointDir, load_checkpoint
 from tests.helpers import REPO, load_config
 
+pytestmark = pytest.mark.slow
+
 STEPS = 12
 # Values that differ between two runs of the same computation.
 TIMING_KEYS = {"time", "images_per_s"}

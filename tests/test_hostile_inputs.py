@@ -83,12 +83,12 @@ def loading_paths():
     """Every way the toolkit reads a checkpoint file it is given."""
     from stage1_tokenizer.tokenizer import load_tokenizer
     from stage2_ldm.cache import tokenizer_fingerprint
-    from stage2_ldm.sample import load_ldm
+    from stage2_ldm.dit import load_dit
 
     return {
         "load_checkpoint": lambda path: load_checkpoint(path),
         "tokenizer.checkpoint": lambda path: load_tokenizer(path, "cpu"),
-        "ldm.checkpoint": lambda path: load_ldm(path, torch.device("cpu")),
+        "ldm.checkpoint": lambda path: load_dit(path, torch.device("cpu")),
         "cache fingerprint": lambda path: tokenizer_fingerprint(path),
         "a run's checkpoints/": lambda path: CheckpointDir(path.parent).load_latest(),
     }
@@ -115,6 +115,7 @@ def test_a_deepspeed_shard_that_runs_code_is_refused_before_deepspeed_opens_it(t
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_that_runs_code_is_one_line_at_the_command_line(tmp_path):
     marker = tmp_path / "code-ran"
     checkpoint = malicious_checkpoint(tmp_path / "evil.pt", marker)
@@ -178,6 +179,7 @@ def test_an_invalid_numeric_setting_is_refused_before_anything_is_written(tmp_pa
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_negative_batch_size_exits_with_one_line_instead_of_hanging(tmp_path):
     result = run_cli(*TINY_TOKENIZER, "tokenizer.train.batch_size=-4", f"output_root={tmp_path}",
                      "wandb.mode=disabled", check=False, timeout=120)
@@ -398,6 +400,7 @@ def test_a_manifest_cannot_point_a_shard_outside_its_cache(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ a signal during start-up
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_during_start_up_exits_with_one_line(tmp_path, sig):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

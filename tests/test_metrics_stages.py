@@ -31,6 +31,7 @@ def image_folders(tmp_path, count: int = 4, size: int = 32):
 
 
 # ------------------------------------------------------------------------------------------ stage=metrics
+@pytest.mark.slow
 def test_stage_metrics_prints_one_json_line_with_fid_psnr_ssim_lpips(tmp_path):
     real, fake = image_folders(tmp_path)
     result = run_cli("stage=metrics", f"real={real}", f"fake={fake}", "device=cpu", "wandb.mode=disabled",

@@ -1,19 +1,15 @@
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from shared.errors import ConfigError
 from stage2_ldm.dit import build_dit
 from stage2_ldm.objectives import DDPMObjective, FlowObjective, build_objective
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "ldm" / "dit_tiny.yaml"
+from tests.helpers import load_config
 
 
 def tiny_config(objective: str):
-    cfg = OmegaConf.load(TINY)
+    cfg = load_config(["ldm=dit_tiny"]).ldm
     cfg.objective = objective
     cfg.learn_sigma = objective == "ddpm"
     return cfg

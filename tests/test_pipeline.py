@@ -1,7 +1,11 @@
 """The main job: `stage=pipeline experiment=smoke` (shortened), its report, and resuming by rerunning it."""
 import json
 
+import pytest
+
 from tests.helpers import run_cli
+
+pytestmark = pytest.mark.slow
 
 SHORT = ["stage=pipeline", "experiment=smoke", "data.train_size=128", "data.val_size=32", "tokenizer.train.steps=20",
          "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=10", "tokenizer.train.ckpt_every=10",

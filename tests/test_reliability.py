@@ -61,6 +61,7 @@ def write_image_folder(root: Path, per_class: int, classes=("n001", "n002")) -> 
 
 
 # ------------------------------------------------------------------------------------------- the entry point
+@pytest.mark.slow
 def test_user_errors_print_one_line_without_traceback(tmp_path):
     result = run_cli("stage=tokenizer", "tokenizer=epsvae_tiny", "data.resolution=30", f"output_root={tmp_path}",
                      "wandb.mode=disabled", check=False)

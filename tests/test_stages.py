@@ -16,7 +16,7 @@ from stage1_tokenizer.reconstruct import reconstruct
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage1_tokenizer.train import train_tokenizer
 from stage2_ldm.cache import main as cache_main
-from stage2_ldm.sample import load_ldm
+from stage2_ldm.dit import load_dit
 from stage2_ldm.train import train_ldm
 from tests.helpers import load_config, run_cli
 
@@ -39,6 +39,7 @@ def trained(tmp_path_factory):
     return {"root": root, "tokenizer": checkpoint, "cache": root / "cache"}
 
 
+@pytest.mark.slow
 def test_tokenizer_run_leaves_checkpoints_grids_and_metrics(trained):
     run = trained["root"] / "tokenizer"
     assert CheckpointDir(run / "checkpoints").steps() == [6, 12]
@@ -51,6 +52,7 @@ def test_tokenizer_run_leaves_checkpoints_grids_and_metrics(trained):
     assert checkpoint["step"] == 12 and set(checkpoint["models"]) == {"tokenizer", "discriminator"}
 
 
+@pytest.mark.slow
 def test_trained_tokenizer_loads_and_decodes_a_resolution_it_was_not_trained_on(trained):
     tokenizer = load_tokenizer(trained["tokenizer"], "cpu")
     images = torch.rand(2, 3, 48, 48) * 2 - 1  # trained at 32 px
@@ -58,6 +60,7 @@ def test_trained_tokenizer_loads_and_decodes_a_resolution_it_was_not_trained_on(
     assert decoded.shape == images.shape and decoded.abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_reconstruct_reports_metrics_and_grid(trained):
     cfg = load_config(["stage=reconstruct", *TINY], output_root=trained["root"])
     metrics = reconstruct(cfg, trained["tokenizer"], run_dir=trained["root"] / "reconstruct")
@@ -67,6 +70,7 @@ def test_reconstruct_reports_metrics_and_grid(trained):
     assert (trained["root"] / "reconstruct" / "reconstructions_nfe1.png").is_file()
 
 
+@pytest.mark.slow
 def test_cache_holds_every_training_image_and_its_flip(trained):
     cache = LatentCache(trained["cache"], "train")
     assert len(cache) == 96 and cache.latent_shape == (4, 8, 8)
@@ -80,6 +84,7 @@ def single_process_group_cleanup():
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trained, monkeypatch,
                                                                               single_process_group_cleanup):
     # DeepSpeed compiles a shared-memory all-reduce for multi-process CPU runs on first use (minutes);
@@ -91,13 +96,14 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
     assert (checkpoint.parent / "deepspeed" / "step_000000006").is_dir()
     refuse_code_in(checkpoint.parent / "deepspeed", DEEPSPEED_GLOBALS)  # DeepSpeed's own files pass the scan
     dist.destroy_process_group()
-    dit, config = load_ldm(checkpoint, "cpu")
+    dit, config = load_dit(checkpoint, "cpu")
     assert config["in_channels"] == 4 and config["num_classes"] == 10
     raw = load_checkpoint(checkpoint)
     for name, tensor in dit.state_dict().items():
         torch.testing.assert_close(tensor, raw["ema"]["dit"][name])
 
 
+@pytest.mark.slow
 def test_sample_stage_writes_pngs_grid_npz_and_throughput(trained):
     cfg = load_config(["stage=ldm", *TINY, f"tokenizer.checkpoint={trained['tokenizer']}"], output_root=trained["root"])
     checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm")

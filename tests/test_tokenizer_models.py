@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pipelines.describe import describe_ldm
-from shared.errors import ConfigError
+from shared.errors import ConfigError, DataError
 from shared.flow import velocity_target
 from stage1_tokenizer.discriminator import PatchDiscriminator, TimeConditionedPatchDiscriminator, build_discriminator
 from stage1_tokenizer.dit_decoder import DiTDecoder
@@ -112,9 +112,10 @@ def test_decode_inverts_the_gamma_scaled_flow_with_an_exact_velocity():
 def test_the_ablations_ddpm_decoder_trains_on_epsilon_and_samples_ancestrally():
     from stage1_tokenizer.objective import build_objective
 
-    config = {**tokenizer_config("epsvae_tiny"), "flow": {"process": "ddpm", "t_sampling": "uniform", "gamma": 1.0,
-                                                           "grid": "uniform", "logit_mean": 0.0, "logit_std": 1.0},
-              "loss": {"velocity": 1.0, "lpips": 0.0, "adversarial": 0.0, "kl": 1e-6, "reconstruction": 0.0}}
+    tiny = tokenizer_config("epsvae_tiny")
+    config = {**tiny, "flow": {**tiny.flow, "process": "ddpm", "t_sampling": "uniform", "gamma": 1.0,
+                               "grid": "uniform"},
+              "loss": {**tiny.loss, "lpips": 0.0, "adversarial": 0.0}}
     tokenizer = build_tokenizer(config)
     assert isinstance(tokenizer, DDPMEpsVAE)
     x0, noise = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 3, 32, 32)
@@ -233,6 +234,29 @@ def test_load_tokenizer_prefers_ema(tmp_path):
         torch.testing.assert_close(load_tokenizer(path, "cpu", use_ema=False).decode(z), trained.decode(z))
 
 
+def save_tokenizer_checkpoint(path, config: dict, tokenizer) -> None:
+    torch.save({"config": config, "models": {"tokenizer": tokenizer.state_dict()}}, path)
+
+
+def test_a_checkpoint_from_before_flow_process_loads_as_a_rectified_flow(tmp_path):
+    config = OmegaConf.to_container(tokenizer_config("epsvae_tiny"), resolve=True)
+    tokenizer = build_tokenizer(config)
+    del config["flow"]["process"]  # stored by the toolkit before the ablation's DDPM decoder existed
+    save_tokenizer_checkpoint(tmp_path / "old.pt", config, tokenizer)
+    assert type(load_tokenizer(tmp_path / "old.pt", "cpu", use_ema=False)) is EpsVAE
+
+
+def test_a_checkpoint_whose_config_lacks_a_key_is_a_one_line_error(tmp_path):
+    config = OmegaConf.to_container(tokenizer_config("epsvae_tiny"), resolve=True)
+    tokenizer = build_tokenizer(config)
+    del config["flow"]["gamma"]
+    save_tokenizer_checkpoint(tmp_path / "broken.pt", config, tokenizer)
+    with pytest.raises(DataError, match=r"broken.pt stores a tokenizer config .*tokenizer.flow lacks gamma") as error:
+        load_tokenizer(tmp_path / "broken.pt", "cpu", use_ema=False)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
 def test_describe_prints_one_json_line():
     result = run_cli("stage=describe", "tokenizer=epsvae_sd_b", "wandb.mode=disabled")
     lines = [line for line in result.stdout.splitlines() if line.strip()]
