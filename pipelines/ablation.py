@@ -35,6 +35,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
     compare, load_preset, machine, merge_overrides, parse_arguments, run_config)
+from shared.errors import UserError, one_line  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 
 
@@ -197,4 +198,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UserError as error:
+        raise SystemExit(one_line(error)) from None

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import pipelines.run  # noqa: E402,F401  (registers the ${repo_root:} resolver)
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
-from shared.errors import ConfigError  # noqa: E402
+from shared.errors import ConfigError, UserError, one_line  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -359,4 +359,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except UserError as error:
+        raise SystemExit(one_line(error)) from None

@@ -64,13 +64,13 @@ def resolve_stage(cfg: DictConfig):
 def main(cfg: DictConfig):
     stage = resolve_stage(cfg)
     from shared.config_check import check_config
-    from shared.errors import UserError
+    from shared.errors import UserError, one_line
 
     try:
         check_config(cfg)
         return stage(cfg)
     except UserError as error:
-        raise SystemExit(f"error ({type(error).__name__}): {error}") from None
+        raise SystemExit(one_line(error)) from None
 
 
 if __name__ == "__main__":

@@ -12,3 +12,8 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Missing, empty or inconsistent data (image roots, shards, latent caches, checkpoints)."""
+
+
+def one_line(error: UserError) -> str:
+    """How every entry point reports a user error: one line, naming its kind."""
+    return f"error ({type(error).__name__}): {error}"

@@ -92,7 +92,7 @@ def build_discriminator(tok_cfg) -> nn.Module | None:
     loss_cfg, disc_cfg = tok_cfg.get("loss") or {}, tok_cfg.get("discriminator")
     if tok_cfg["kind"] == "dgae" or not disc_cfg or not loss_cfg.get("adversarial", 0):
         return None
-    ndf, n_layers = disc_cfg.get("ndf", 64), disc_cfg.get("n_layers", 3)
-    if disc_cfg.get("time_conditioned", tok_cfg["kind"] == "epsvae"):
-        return TimeConditionedPatchDiscriminator(ndf, n_layers, disc_cfg.get("embedding_dim", 256))
+    ndf, n_layers = disc_cfg["ndf"], disc_cfg["n_layers"]  # the YAML is the one source of these values
+    if disc_cfg["time_conditioned"]:
+        return TimeConditionedPatchDiscriminator(ndf, n_layers, disc_cfg["embedding_dim"])
     return PatchDiscriminator(ndf, n_layers)

@@ -26,11 +26,11 @@ def load_config(overrides: list[str], output_root: Path | None = None) -> DictCo
     return cfg
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True):
-    """Run `python pipelines/run.py ARGS` in a subprocess and return the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True, script: str = "run.py"):
+    """Run `python pipelines/SCRIPT ARGS` in a subprocess and return the CompletedProcess."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, str(REPO / "pipelines" / "run.py"), *args], cwd=cwd or REPO, env=env,
+    result = subprocess.run([sys.executable, str(REPO / "pipelines" / script), *args], cwd=cwd or REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

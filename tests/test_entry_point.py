@@ -35,3 +35,11 @@ def test_unknown_config_group_option_lists_the_available_ones():
 def test_describe_prints_one_json_line_for_the_ldm():
     result = run_cli("stage=describe", "ldm=dit_s2")
     assert result.stdout.strip().count("\n") == 0 and '"ldm": "dit_s2"' in result.stdout
+
+
+@pytest.mark.parametrize("script", ["reproduce.py", "ablation.py"])
+def test_reproduction_scripts_report_a_user_error_in_one_line(script):
+    result = run_cli("preset=no_such_preset", script=script, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert result.stderr.startswith("error (ConfigError): no reproduction preset 'no_such_preset'")
