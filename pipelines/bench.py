@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.describe import count_parameters
-from pipelines.run import ROOT
+from pipelines.configs import ROOT
 from shared.runtime import Runtime, setup
 
 # bench.quick: the same benchmark on tiny networks and inputs, a smoke test of this file (seconds, not minutes).

@@ -32,10 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import pipelines.run  # noqa: E402,F401  (registers the ${repo_root:} resolver)
+from pipelines.configs import compose_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError, UserError, one_line  # noqa: E402
@@ -70,8 +69,7 @@ def load_preset(name: str) -> dict:
 def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str]):
     overrides = ["stage=pipeline", f"experiment={preset['experiment']}", f"tokenizer={entry['tokenizer']}",
                  f"name=reproduce_{preset_name}_{entry['slug']}", *preset["common"], *entry["overrides"], *extra]
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def nfe_sweep(cfg, pipeline: Pipeline, nfes: list[int]) -> dict[int, dict]:

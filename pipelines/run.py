@@ -19,9 +19,8 @@ if __name__ == "__main__":  # before the slow imports: start-up takes seconds, a
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-# `${repo_root:}` in configs: paths that work from any working directory (e.g. ../shared beside the checkout).
-if not OmegaConf.has_resolver("repo_root"):
-    OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+
+from pipelines.configs import register_resolvers  # noqa: E402
 
 # stage name -> ("module:function", one line of help). Every function takes the resolved config.
 STAGES: dict[str, tuple[str, str]] = {
@@ -74,4 +73,5 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    register_resolvers()
     main()

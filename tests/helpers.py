@@ -6,18 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-import pipelines.run  # noqa: F401  (registers the ${repo_root:} config resolver)
+from pipelines.configs import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_config(overrides: list[str], output_root: Path | None = None) -> DictConfig:
     """The config `pipelines/run.py` would see for these overrides."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     with open_dict(cfg):
         cfg.wandb.mode = "disabled"
         cfg.progress = False

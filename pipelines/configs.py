@@ -1,0 +1,24 @@
+"""The project's Hydra configs: where they are, the resolvers they use, and composing one outside `@hydra.main`
+(reproduce, ablation, bench and the tests see exactly what `pipelines/run.py` sees)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+
+
+def register_resolvers() -> None:
+    """`${repo_root:}`: paths that work from any working directory (e.g. ../shared beside the checkout)."""
+    if not OmegaConf.has_resolver("repo_root"):
+        OmegaConf.register_new_resolver("repo_root", lambda: str(ROOT))
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config of `pipelines/run.py OVERRIDES`."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
