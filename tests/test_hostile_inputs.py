@@ -105,7 +105,7 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_on_every_loading_path(tm
 
 
 def test_a_deepspeed_shard_that_runs_code_is_refused_before_deepspeed_opens_it(tmp_path):
-    from shared.train.loop import DEEPSPEED_GLOBALS
+    from shared.train.backends import DEEPSPEED_GLOBALS
 
     marker = tmp_path / "code-ran"
     malicious_checkpoint(tmp_path / "deepspeed" / "step_000000001" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",

@@ -20,7 +20,8 @@ from shared.data.images import make_image_loader
 from shared.data.shards import write_shards
 from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint
-from shared.train.loop import LoopConfig, NonFiniteError, OptimConfig, TrainModule
+from shared.train.backends import OptimConfig
+from shared.train.loop import NonFiniteError, TrainModule
 from tests.helpers import load_config, run_cli
 
 TINY_TOKENIZER = ["stage=tokenizer", "tokenizer=epsvae_tiny", "data.resolution=32", "tokenizer.train.batch_size=4",
@@ -227,12 +228,11 @@ class OnePhase(TrainModule):
 
 def test_zero_stage_3_is_refused_before_the_engine_starts():
     pytest.importorskip("deepspeed")
-    from shared.train.loop import _DeepSpeedBackend
+    from shared.train.backends import DeepSpeedBackend
 
     runtime = SimpleNamespace(device=torch.device("cpu"), autocast_dtype=None)
-    loop = LoopConfig(steps=1, optim={"net": OptimConfig(lr=1e-3)})
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        _DeepSpeedBackend(runtime, OnePhase(), loop, {"zero_optimization": {"stage": 3}})
+        DeepSpeedBackend(runtime, OnePhase(), {"net": OptimConfig(lr=1e-3)}, {"zero_optimization": {"stage": 3}})
 
 
 # ------------------------------------------------------------------------------------------- disk

@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from shared.data.latents import LatentCache
 from shared.metrics.image_io import open_images
 from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
-from shared.train.loop import DEEPSPEED_GLOBALS
+from shared.train.backends import DEEPSPEED_GLOBALS
 from stage1_tokenizer.reconstruct import reconstruct
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage1_tokenizer.train import train_tokenizer

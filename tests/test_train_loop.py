@@ -12,7 +12,8 @@ from shared.data.sampler import ResumableBatchSampler
 from shared.errors import ConfigError
 from shared.train.checkpoint import CheckpointDir
 from shared.preemption import Preempted
-from shared.train.loop import LoopConfig, NonFiniteError, OptimConfig, TrainModule, train
+from shared.train.backends import OptimConfig
+from shared.train.loop import LoopConfig, NonFiniteError, TrainModule, train
 from tests.helpers import load_config
 
 INPUTS = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from shared.train.loop import LoopConfig, OptimConfig
+from shared.train.backends import OptimConfig
+from shared.train.loop import LoopConfig
 
 
 def optim_config(train_cfg: DictConfig, prefix: str = "") -> OptimConfig:
