@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder
-from stage1_tokenizer.encoder import AdaGroupNorm
+from stage1_tokenizer.blocks import AdaGroupNorm
 
 
 def patch_widths(ndf: int, n_layers: int) -> list[int]:

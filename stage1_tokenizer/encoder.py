@@ -1,6 +1,4 @@
-"""The SD-VAE / VQGAN convolutional encoder, its diagonal Gaussian posterior, and the convolutional blocks that the
-stage-1 networks share (the VAE decoder mirrors the encoder; the ADM UNet uses the same blocks with a timestep
-embedding).
+"""The SD-VAE / VQGAN convolutional encoder and its diagonal Gaussian posterior (blocks in stage1_tokenizer/blocks.py).
 
 Encoder (Esser et al. 2021, Rombach et al. 2022): conv_in, one level per entry of `channel_mult` with
 `num_res_blocks` ResBlocks (each level but the last halves the resolution, so f = 2^(len(channel_mult) - 1)), a
@@ -13,120 +11,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from shared.errors import ConfigError
-from shared.nn import SelfAttention, zero_module
-
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (fewer for the narrow test networks), as in SD-VAE and ADM."""
-    groups = 32
-    while channels % groups:
-        groups //= 2
-    return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-class AdaGroupNorm(nn.Module):
-    """AdaGN (Dhariwal & Nichol 2021): GroupNorm(h) · (1 + scale(e)) + shift(e), scale/shift from an embedding e."""
-
-    def __init__(self, channels: int, embedding_dim: int):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.to_scale_shift = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, 2 * channels))
-
-    def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        scale, shift = rearrange(self.to_scale_shift(embedding), "b (two c) -> two b c 1 1", two=2)
-        return self.norm(h) * (1 + scale) + shift
-
-
-def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
-    """Parameter-free ×2 resampling used inside ADM's up/down ResBlocks: nearest up, average-pool down."""
-    if direction == "up":
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-    if direction == "down":
-        return F.avg_pool2d(x, 2)
-    return x
-
-
-class ResBlock(nn.Module):
-    """norm → SiLU → conv3×3 → norm → SiLU → dropout → conv3×3, plus a (1×1-projected) skip.
-
-    With `embedding_dim`, the second norm is AdaGN on the timestep embedding (ADM's scale-shift norm) and the last
-    conv starts at zero so that every residual branch starts as the identity. With `resample` ("up" | "down") the
-    block also changes the resolution by 2 (ADM's `resblock_updown`), resampling both branches after the first norm.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, embedding_dim: int | None = None, dropout: float = 0.0,
-                 resample: str | None = None):
-        super().__init__()
-        self.resample = resample
-        self.norm1 = group_norm(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels) if embedding_dim is None else AdaGroupNorm(out_channels, embedding_dim)
-        self.dropout = nn.Dropout(dropout)
-        conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv2 = conv2 if embedding_dim is None else zero_module(conv2)
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(resample(F.silu(self.norm1(x)), self.resample))
-        x = resample(x, self.resample)
-        h = self.norm2(h) if embedding is None else self.norm2(h, embedding)
-        h = self.conv2(self.dropout(F.silu(h)))
-        return self.skip(x) + h
-
-
-class AttentionBlock(nn.Module):
-    """Self-attention over the H·W pixels of a feature map, residual, output projection starting at zero."""
-
-    def __init__(self, channels: int, head_channels: int = 64):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.attention = SelfAttention(channels, num_heads=max(1, channels // head_channels))
-        zero_module(self.attention.proj)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")
-        return x + rearrange(self.attention(tokens), "b (h w) c -> b c h w", h=height, w=width)
-
-
-class Downsample(nn.Module):
-    """Strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
-
-
-class Upsample(nn.Module):
-    """Nearest ×2 then 3×3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class MiddleBlock(nn.Module):
-    """ResBlock → self-attention → ResBlock at the lowest resolution (encoder, decoders, UNet)."""
-
-    def __init__(self, channels: int, embedding_dim: int | None = None, dropout: float = 0.0,
-                 head_channels: int = 64):
-        super().__init__()
-        self.res1 = ResBlock(channels, channels, embedding_dim, dropout)
-        self.attention = AttentionBlock(channels, head_channels)
-        self.res2 = ResBlock(channels, channels, embedding_dim, dropout)
-
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
-        return self.res2(self.attention(self.res1(x, embedding)), embedding)
+from stage1_tokenizer.blocks import AttentionBlock, Downsample, MiddleBlock, ResBlock, group_norm
 
 
 def downsample_factor(channel_mult: Sequence[int]) -> int:

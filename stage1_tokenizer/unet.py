@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder, zero_module
-from stage1_tokenizer.encoder import AttentionBlock, Downsample, MiddleBlock, ResBlock, Upsample, group_norm
+from stage1_tokenizer.blocks import AttentionBlock, Downsample, MiddleBlock, ResBlock, Upsample, group_norm
 
 
 class TimestepSequential(nn.ModuleList):

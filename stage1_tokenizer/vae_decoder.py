@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stage1_tokenizer.encoder import AttentionBlock, MiddleBlock, ResBlock, Upsample, group_norm
+from stage1_tokenizer.blocks import AttentionBlock, MiddleBlock, ResBlock, Upsample, group_norm
 
 
 class ConvDecoder(nn.Module):
