@@ -34,7 +34,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
-    compare, load_preset, machine, merge_overrides, parse_arguments, run_config)
+    compare, machine, merge_overrides, parse_arguments, run_config)
 from shared.errors import UserError, one_line  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from shared.data import build_image_dataset, make_image_loader
-from shared.data.images import read_class_map
+from shared.data.image_folder import read_class_map
 from shared.data.synthetic import SyntheticImages
 from shared.data.transforms import center_crop_adm, preprocess
 from shared.errors import DataError

@@ -32,7 +32,8 @@ from PIL import Image
 
 from shared import runtime as runtime_lib
 from shared.config_check import check_config, config_problems
-from shared.data.images import FolderIndex, decode_image
+from shared.data.decoding import decode_image
+from shared.data.image_folder import FolderIndex
 from shared.data.transforms import to_rgb
 from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint, refuse_code_in
@@ -292,7 +293,7 @@ def test_every_image_mode_is_read_as_its_rgb_values(make, expected):
 
 def test_a_16_bit_image_folder_trains_on_its_values_not_on_white(tmp_path):
     """The reviewer's case: a 16-bit greyscale PNG was 98% white after preprocessing."""
-    from shared.data.images import ImageFolder
+    from shared.data.image_folder import ImageFolder
 
     for split in ("train", "val"):
         (tmp_path / split / "n1").mkdir(parents=True)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from omegaconf import open_dict
 
 from shared.data.latents import LatentCache
 from shared.metrics.image_io import open_images

@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
-from shared.data.images import IMAGE_READ_ERRORS, FolderIndex
+from shared.data.decoding import IMAGE_READ_ERRORS
+from shared.data.image_folder import FolderIndex
 from shared.errors import ConfigError, DataError
 
 log = logging.getLogger("epsvae.data")
