@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.describe import count_parameters
-from pipelines.configs import ROOT
+from pipelines.configs import ROOT, group_config
 from shared.runtime import Runtime, setup
 
 # bench.quick: the same benchmark on tiny networks and inputs, a smoke test of this file (seconds, not minutes).
@@ -277,20 +277,13 @@ def bench_dit(ctx: Context) -> tuple[list[Row], dict]:
 
 
 # ------------------------------------------------------------------------------------------------ tokenizers
-def tokenizer_config(name: str) -> dict:
-    """configs/tokenizer/NAME.yaml with its `defaults` (other tokenizer configs) merged underneath."""
-    own = OmegaConf.load(ROOT / "configs" / "tokenizer" / f"{name}.yaml")
-    parents = [tokenizer_config(parent) for parent in own.pop("defaults", []) if parent != "_self_"]
-    return OmegaConf.to_container(OmegaConf.merge(*parents, own), resolve=True)
-
-
 def sd_vae_config(channels: list[int]) -> dict:
     """Our VAE baseline shaped as SD-VAE (`block_out_channels` = channels): vae_sd_b's encoder, the mirrored
     decoder (num_res_blocks + 1 ResBlocks per level, attention in the middle block only) and single-head attention
     as in diffusers' AutoencoderKL."""
     layout = {"base_channels": channels[0], "channel_mult": [c // channels[0] for c in channels],
               "num_res_blocks": 2, "attention_levels": [], "head_channels": channels[-1]}
-    config = tokenizer_config("vae_sd_b")
+    config = group_config("tokenizer", "vae_sd_b")
     config["encoder"].update(layout)
     config["decoder"].update(layout)
     config["downsample"] = 2 ** (len(channels) - 1)
@@ -337,7 +330,7 @@ def bench_diffusion_decoder(ctx: Context) -> list[Row]:
     """ε-VAE against the VAE baseline of the same size class: the price of decoding with 1-3 network calls."""
     from stage1_tokenizer.tokenizer import build_tokenizer
 
-    epsvae_config, vae_config = tokenizer_config(ctx.bench.epsvae), tokenizer_config(ctx.bench.vae)
+    epsvae_config, vae_config = group_config("tokenizer", ctx.bench.epsvae), group_config("tokenizer", ctx.bench.vae)
     epsvae = ctx.prepare(build_tokenizer(epsvae_config).eval(), True)
     vae = ctx.prepare(build_tokenizer(vae_config).eval(), True)
     batch, size = ctx.bench.image_batch_size, ctx.bench.image_size

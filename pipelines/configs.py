@@ -22,3 +22,12 @@ def compose_config(overrides: list[str]) -> DictConfig:
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
+
+
+def group_config(group: str, name: str) -> dict:
+    """configs/GROUP/NAME.yaml with its `defaults` (files of the same group) merged underneath, resolved: one option
+    of a config group on its own, e.g. group_config("tokenizer", "epsvae_sd_m"), without composing the whole config
+    (which a stage already running under Hydra cannot do again)."""
+    own = OmegaConf.load(CONFIG_DIR / group / f"{name}.yaml")
+    parents = [group_config(group, parent) for parent in own.pop("defaults", []) if parent != "_self_"]
+    return OmegaConf.to_container(OmegaConf.merge(*parents, own), resolve=True)

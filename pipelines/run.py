@@ -31,6 +31,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "sample": ("stage2_ldm.sample:main", "sample class-conditionally and decode through the tokenizer"),
     "evaluate": ("shared.metrics.evaluate:main", "gFID (and optional sFID, precision/recall) of samples"),
     "metrics": ("shared.metrics.compare:main", "FID / PSNR / SSIM / LPIPS between two folders: real=DIR fake=DIR"),
+    "paper_speed": ("pipelines.paper_speed:main", "the paper's throughput claim: DiT-XL/2 + decoders at 256 px"),
     "describe": ("pipelines.describe:main", "parameter counts of tokenizer=NAME or ldm=NAME as one JSON line"),
     "shards": ("shared.data.shards:main", "write webdataset shards from an image folder"),
     "pipeline": ("pipelines.pipeline:main", "the main job: tokenizer -> cache -> ldm -> sample -> evaluate + report"),

@@ -1,0 +1,210 @@
+"""The paper's throughput claim at the paper's scale (Table 4 of SPEC.md): images per 1000 s of the whole chain,
+DiT-XL/2 sampling with 250 DDPM steps and no guidance, then decoding, at 256 px:
+
+    python pipelines/run.py stage=paper_speed [paper_speed.out=benchmarks/paper_speed_cpu]
+
+Every latent grid the paper times (f8, f16, f32 with 4 channels, DiT patch 2) against every decoder it times (the
+SD-VAE decoder; the ε-VAE-SD (M) and (H) decoders at NFE 1, 2, 3), with random weights: speed does not depend on
+them. The chain is composed from its parts, each timed per call at the preset's batch (the fastest of
+`paper_speed.repeats` calls after a warm-up):
+
+    seconds per image = (DiT step seconds × steps + decoder pass seconds × NFE) / batch
+
+which is what the chain costs when, as here, nothing else overlaps (one process, synchronised calls); running 250
+DiT-XL/2 steps for every cell would take hours on a CPU. FLOPs are counted per image with torch's FlopCounterMode
+(a multiply-add is 2 FLOPs). Writes <run dir>/paper_speed.{md,json}, and <paper_speed.out>.{md,json}.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipelines.bench import command_line, count_flops, machine, sd_vae_config, timed_call
+from pipelines.configs import ROOT, group_config
+from shared.runtime import Runtime, setup
+from stage1_tokenizer.tokenizer import build_tokenizer
+from stage2_ldm.dit import build_dit
+
+LATENT_CHANNELS = 4
+NUM_CLASSES = 1000
+
+
+def fastest_seconds(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls after `warmup` untimed ones: slower calls measure other load."""
+    with torch.inference_mode(), runtime.autocast():
+        for _ in range(warmup):
+            call()
+        return min(timed_call(call, runtime.device) for _ in range(repeats))
+
+
+def flops_per_image(make_call: Callable[[int], Callable[[], object]], runtime: Runtime) -> int:
+    """FLOPs of one call at batch 1."""
+    with torch.inference_mode(), runtime.autocast():
+        return count_flops(make_call(1))
+
+
+def dit_step(ldm_cfg: DictConfig, latent_size: int, runtime: Runtime) -> Callable[[int], Callable[[], object]]:
+    """batch -> one DiT forward at that batch: a DDPM step without guidance costs one forward."""
+    model = build_dit(ldm_cfg, LATENT_CHANNELS, latent_size, NUM_CLASSES).to(runtime.device).eval()
+
+    def make_call(batch: int) -> Callable[[], object]:
+        x = torch.randn(batch, LATENT_CHANNELS, latent_size, latent_size, device=runtime.device)
+        t = torch.randint(0, 1000, (batch,), device=runtime.device)
+        y = torch.randint(0, NUM_CLASSES, (batch,), device=runtime.device)
+        return lambda: model(x, t, y)
+
+    return make_call
+
+
+def decoder_config(decoder: DictConfig, downsample: int) -> dict:
+    """The tokenizer config of a decoder column at compression f = downsample: the SD-VAE shape gains one 512-channel
+    level per halving (as SD-VAE f16/f32 do); ε-VAE keeps its decoder, whose encoder gains levels of its last width."""
+    levels = downsample.bit_length() - 1  # log2 f
+    if decoder.tokenizer == "sd_vae":
+        channels = list(decoder.channels)
+        return sd_vae_config(channels + [channels[-1]] * (levels + 1 - len(channels)))
+    config = group_config("tokenizer", decoder.tokenizer)
+    mult = list(config["encoder"]["channel_mult"])
+    config["encoder"]["channel_mult"] = mult + [mult[-1]] * (levels + 1 - len(mult))
+    config.update(downsample=downsample, latent_channels=LATENT_CHANNELS)
+    return config
+
+
+def decoder_pass(config: dict, image_size: int, runtime: Runtime) -> Callable[[int], Callable[[], object]]:
+    """batch -> one decoder network pass at that batch (a one-pass decoder's whole decode; ε-VAE at NFE 1)."""
+    tokenizer = build_tokenizer(config).to(runtime.device, memory_format=torch.channels_last).eval()
+    latent_size = image_size // config["downsample"]
+
+    def make_call(batch: int) -> Callable[[], object]:
+        z = torch.randn(batch, LATENT_CHANNELS, latent_size, latent_size, device=runtime.device)
+        if config["kind"] == "vae":
+            return lambda: tokenizer.decode(z)
+        noise = torch.randn(batch, 3, image_size, image_size, device=runtime.device)
+        return lambda: tokenizer.decode(z, nfe=1, noise=noise)
+
+    return make_call
+
+
+def compose(dit_seconds: float, pass_seconds: float, steps: int, nfe: int, batch: int) -> float:
+    """Images per 1000 s of the chain: `steps` DiT calls, then `nfe` decoder passes, for `batch` images."""
+    return 1000 * batch / (dit_seconds * steps + pass_seconds * nfe)
+
+
+def throughput_table(parts: dict, settings: DictConfig) -> list[dict]:
+    """One row per (f, decoder, NFE): images per 1000 s and GFLOPs per image of the composed chain."""
+    rows = []
+    for f in settings.compressions:
+        dit = parts["dit"][str(f)]
+        for decoder in settings.decoders:
+            part = parts["decoders"][decoder.label][str(f)]
+            for nfe in decoder.nfe:
+                rows.append({"f": f, "decoder": decoder.label, "nfe": nfe,
+                             "images_per_1000s": compose(dit["seconds"], part["seconds"], settings.steps, nfe,
+                                                         settings.batch_size),
+                             "gflops_per_image": (dit["flops"] * settings.steps + part["flops"] * nfe) / 1e9})
+    return rows
+
+
+def ratios(rows: list[dict], settings: DictConfig) -> list[dict]:
+    """The paper's two ratios, ours beside theirs, for every NFE of the decoder in question."""
+    cell = {(row["f"], row["decoder"], row["nfe"]): row["images_per_1000s"] for row in rows}
+    claims = []
+    for claim in settings.claims:
+        for nfe in claim.nfe:
+            baseline_nfe = claim.baseline.nfe if claim.baseline.nfe is not None else nfe  # null: the same NFE
+            ours = cell[(claim.ours.f, claim.ours.decoder, nfe)] / cell[
+                (claim.baseline.f, claim.baseline.decoder, baseline_nfe)]
+            claims.append({"claim": claim.label, "nfe": nfe, "ours": ours,
+                           "paper": claim.paper.ours / claim.paper.baseline})
+    return claims
+
+
+def measure_parts(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -> dict:
+    """{"dit": {f: {seconds, flops}}, "decoders": {label: {f: {seconds, flops}}}}: seconds per call at the batch,
+    FLOPs per image."""
+    batch, warmup, repeats = settings.batch_size, settings.warmup, settings.repeats
+    parts = {"dit": {}, "decoders": {decoder.label: {} for decoder in settings.decoders}}
+    for f in settings.compressions:
+        make_call = dit_step(ldm_cfg, settings.image_size // f, runtime)
+        parts["dit"][str(f)] = {"seconds": fastest_seconds(make_call(batch), runtime, warmup, repeats),
+                                "flops": flops_per_image(make_call, runtime)}
+        runtime.log.info("DiT f%d: %.3f s per step at batch %d", f, parts["dit"][str(f)]["seconds"], batch)
+        for decoder in settings.decoders:
+            make_call = decoder_pass(decoder_config(decoder, f), settings.image_size, runtime)
+            parts["decoders"][decoder.label][str(f)] = {
+                "seconds": fastest_seconds(make_call(batch), runtime, warmup, repeats),
+                "flops": flops_per_image(make_call, runtime)}
+            runtime.log.info("%s f%d: %.3f s per pass at batch %d", decoder.label, f,
+                             parts["decoders"][decoder.label][str(f)]["seconds"], batch)
+    return parts
+
+
+def markdown(report: dict) -> str:
+    settings, m = report["settings"], report["machine"]
+    rows = report["rows"]
+    columns = [(decoder["label"], nfe) for decoder in settings["decoders"] for nfe in decoder["nfe"]]
+    cell = {(row["f"], row["decoder"], row["nfe"]): row for row in rows}
+    lines = [
+        "# The paper's throughput claim at 256 px (Table 4 layout)", "",
+        f"- Command: `{report['command']}`",
+        f"- Date: {report['date']}; {report['seconds'] / 60:.1f} min in one process",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['threads']} threads, device "
+        f"{m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}, precision {m['precision']}; load average "
+        f"{m['load_average_1min']:.1f} at the end",
+        f"- {report['ldm']} ({report['dit_params'] / 1e6:.1f}M parameters), {settings['steps']} DDPM steps, no "
+        f"guidance, random weights, batch {settings['batch_size']}; each part timed per call (fastest of "
+        f"{settings['repeats']} after {settings['warmup']} warm-up), the chain **composed**: seconds per image = "
+        f"(DiT step × {settings['steps']} + decoder pass × NFE) / batch. Not a run of the whole chain.",
+        "", "Images per 1000 s (GFLOPs per image in brackets):", "",
+        "| f | " + " | ".join(f"{label} NFE {nfe}" for label, nfe in columns) + " |",
+        "|---|" + "---:|" * len(columns)]
+    for f in settings["compressions"]:
+        lines.append(f"| {f} | " + " | ".join(
+            f"{cell[(f, label, nfe)]['images_per_1000s']:.3g} ({cell[(f, label, nfe)]['gflops_per_image']:,.0f})"
+            for label, nfe in columns) + " |")
+    lines += ["", "The paper (one H100, bf16): f8 SD-VAE 522, ε-VAE (M) 491, (H) 477; f16 1220, 1192, 1180; f32 3991, "
+              "3865, 3870.", "", "| claim | NFE | ours | paper |", "|---|---:|---:|---:|"]
+    for claim in report["ratios"]:
+        lines.append(f"| {claim['claim']} | {claim['nfe']} | {claim['ours']:.2f}× | {claim['paper']:.2f}× |")
+    lines += ["", "Parts, per call at the batch above and per image:", "",
+              "| part | f | seconds per call | GFLOPs per image per call |", "|---|---:|---:|---:|"]
+    for f, part in report["parts"]["dit"].items():
+        lines.append(f"| {report['ldm']} step | {f} | {part['seconds']:.3f} | {part['flops'] / 1e9:,.1f} |")
+    for label, by_f in report["parts"]["decoders"].items():
+        for f, part in by_f.items():
+            lines.append(f"| {label} pass | {f} | {part['seconds']:.3f} | {part['flops'] / 1e9:,.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+
+
+def main(cfg: DictConfig) -> dict:
+    started = time.perf_counter()
+    runtime = setup(cfg)
+    settings = cfg.paper_speed
+    torch.manual_seed(cfg.seed)
+    ldm_cfg = OmegaConf.create(group_config("ldm", settings.ldm))
+    parts = measure_parts(settings, runtime, ldm_cfg)
+    rows = throughput_table(parts, settings)
+    dit = build_dit(ldm_cfg, LATENT_CHANNELS, settings.image_size // settings.compressions[0], NUM_CLASSES)
+    report = {"command": command_line(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "machine": machine(runtime), "settings": OmegaConf.to_container(settings, resolve=True),
+              "ldm": settings.ldm, "dit_params": sum(p.numel() for p in dit.parameters()), "parts": parts,
+              "rows": rows, "ratios": ratios(rows, settings), "seconds": time.perf_counter() - started}
+    write_report(report, runtime.run_dir / "paper_speed")
+    if settings.out:
+        write_report(report, ROOT / settings.out)
+    print(markdown(report))
+    runtime.mark_done()
+    runtime.close()
+    return report
