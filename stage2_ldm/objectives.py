@@ -3,6 +3,7 @@
     objective = build_objective(cfg.ldm)
     loss, logs = objective.loss(model, x0, labels)          # model: the DiT, possibly DDP / DeepSpeed-wrapped
     x0 = objective.sample(model, noise, labels, cfg_scale=1.5, sampler="heun", steps=50)
+    sampler, steps = objective.sampling(None, None)         # what sample() would use: the defaults, checked
 
 - DDPMObjective: ADM's 1000-step chain, ε-prediction, hybrid loss with learned-range variance (DiT's protocol);
   samples with the ancestral sampler on a respaced chain (250 steps by default).
@@ -12,7 +13,7 @@ Both condition the network on time in DDPM step units (stage2_ldm/dit.py): the D
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -34,23 +35,39 @@ def guided(model: nn.Module, labels: torch.Tensor, cfg_scale: float) -> ModelFn:
     return lambda x, t: model.forward_with_cfg(x, t, labels, cfg_scale)
 
 
-def check_sampler(sampler: str, allowed: tuple[str, ...], objective: str) -> None:
-    if sampler not in allowed:
+class Objective(Protocol):
+    """What stage 2 asks of an objective: a training loss, and a sampler with its defaults."""
+
+    def loss(self, model: nn.Module, x0: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The mean loss over the batch and its terms for logging."""
+
+    def sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        """(sampler, steps) that sample() uses for these settings (None: the default), after checking them."""
+
+    def sample(self, model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, cfg_scale: float,
+               sampler: str | None = None, steps: int | None = None, progress: bool = False) -> torch.Tensor:
+        """x0 from `noise` for `labels`, through classifier-free guidance of scale `cfg_scale`."""
+
+
+def checked_sampling(sampler: str | None, steps: int | None, samplers: tuple[str, ...], default_steps: int,
+                     objective: str, max_steps: int | None = None) -> tuple[str, int]:
+    """(sampler, steps) with None replaced by the objective's default (the first of `samplers`, `default_steps`), or
+    a ConfigError naming what does not fit."""
+    sampler, steps = sampler or samplers[0], default_steps if steps is None else steps
+    if sampler not in samplers:
         raise ConfigError(f"sample.sampler={sampler!r} does not fit ldm.objective={objective} "
-                          f"(choose one of {', '.join(allowed)})")
-
-
-def check_steps(steps: int, maximum: int | None = None) -> None:
-    if steps < 1 or (maximum is not None and steps > maximum):
-        limit = f" and at most {maximum}" if maximum is not None else ""
+                          f"(choose one of {', '.join(samplers)})")
+    if steps < 1 or (max_steps is not None and steps > max_steps):
+        limit = f" and at most {max_steps}" if max_steps is not None else ""
         raise ConfigError(f"sample.steps={steps} must be at least 1{limit}")
+    return sampler, steps
 
 
 class DDPMObjective:
     """ε-prediction on ADM's linear 1000-step chain; with `learn_sigma` the network's second half of channels sets
     the variance and the loss is the hybrid L_simple + L_vlb, otherwise L_simple with ADM's fixed variance."""
 
-    samplers = ("ddpm",)
+    samplers = ("ddpm",)  # the first is the default
     default_steps = 250
 
     def __init__(self, num_timesteps: int = 1000, learn_sigma: bool = True):
@@ -65,12 +82,14 @@ class DDPMObjective:
         loss = terms["loss"].mean()
         return loss, {name: value.detach().mean() for name, value in terms.items()}
 
+    def sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        return checked_sampling(sampler, steps, self.samplers, self.default_steps, "ddpm",
+                                self.diffusion.num_timesteps)
+
     @torch.no_grad()
     def sample(self, model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, cfg_scale: float,
                sampler: str | None = None, steps: int | None = None, progress: bool = False) -> torch.Tensor:
-        check_sampler(sampler or "ddpm", self.samplers, "ddpm")
-        steps = self.default_steps if steps is None else steps
-        check_steps(steps, self.diffusion.num_timesteps)
+        _, steps = self.sampling(sampler, steps)
         return self.diffusion.respace(steps).sample(guided(model, labels, cfg_scale), noise, progress)
 
 
@@ -78,7 +97,7 @@ class FlowObjective:
     """Rectified flow (shared/flow.py): the network predicts v = ε − x0 at x_t = (1 − t) x0 + t ε, loss
     E ‖v − v̂‖². t ~ logit-normal(logit_mean, logit_std) (SD3) or uniform on [0, 1]."""
 
-    samplers = ("euler", "heun")
+    samplers = ("euler", "heun")  # the first is the default
     default_steps = 50
 
     def __init__(self, t_sampling: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0):
@@ -101,13 +120,13 @@ class FlowObjective:
         loss = ((velocity.to(x0.dtype) - flow.velocity_target(x0, noise)) ** 2).mean()
         return loss, {"loss": loss.detach(), "mse": loss.detach()}
 
+    def sampling(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
+        return checked_sampling(sampler, steps, self.samplers, self.default_steps, "flow")
+
     @torch.no_grad()
     def sample(self, model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, cfg_scale: float,
                sampler: str | None = None, steps: int | None = None, progress: bool = False) -> torch.Tensor:
-        sampler = sampler or "euler"
-        check_sampler(sampler, self.samplers, "flow")
-        steps = self.default_steps if steps is None else steps
-        check_steps(steps)
+        sampler, steps = self.sampling(sampler, steps)
         model_fn = guided(model, labels, cfg_scale)
         evaluations = steps if sampler == "euler" else 2 * steps - 1
         with tqdm(total=evaluations, disable=not progress, desc=sampler) as bar:
@@ -119,7 +138,7 @@ class FlowObjective:
             return integrate(velocity, noise, flow.time_grid(steps, "uniform"))
 
 
-def build_objective(ldm_cfg: DictConfig) -> DDPMObjective | FlowObjective:
+def build_objective(ldm_cfg: DictConfig) -> Objective:
     if ldm_cfg.objective == "ddpm":
         return DDPMObjective(learn_sigma=ldm_cfg.learn_sigma)
     if ldm_cfg.objective == "flow":

@@ -143,11 +143,10 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
         everything = written.read(0, len(written))
         write_npz(runtime.run_dir / "samples.npz", everything, labels=labels)
         save_class_grid(everything, labels, runtime.run_dir / "grid.png")
-        objective = build_objective(OmegaConf.create(config))
+        sampler, steps = build_objective(OmegaConf.create(config)).sampling(cfg.sample.sampler, cfg.sample.steps)
         metrics = {
             "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
-            "sampler": cfg.sample.sampler or objective.samplers[0],
-            "steps": objective.default_steps if cfg.sample.steps is None else cfg.sample.steps, "decoder_nfe": cfg.decode.nfe,
+            "sampler": sampler, "steps": steps, "decoder_nfe": cfg.decode.nfe,
             "objective": config["objective"], "device": str(runtime.device),
             "images_per_s": throughput(timings),
             "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},
