@@ -239,7 +239,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, objective, la
 
 def bench_dit(ctx: Context) -> tuple[list[Row], dict]:
     from shared.train.backends import OptimConfig, build_optimizer
-    from stage2_ldm.objectives import FlowObjective
+    from stage2_ldm.objective import FlowObjective
 
     ours, theirs = dit_pair(ctx)
     params = {"ours": count_parameters(ours), "theirs": count_parameters(theirs)}

@@ -15,7 +15,7 @@ from shared.data.images import make_image_loader
 from shared.errors import ConfigError
 from shared.metrics.image_io import save_comparison_grid
 from shared.train.loop import TrainModule, train
-from shared.train.setup import loop_config, optim_config
+from shared.train.settings import loop_config, optim_config
 from stage1_tokenizer.objective import build_objective
 
 # Keys of the tokenizer config group that describe training, not the networks: changing them keeps checkpoints

@@ -1,2 +1,2 @@
 """Stage 2: a class-conditional DiT trained on cached, normalised tokenizer latents (dit.py: the network,
-objectives.py: DDPM or rectified-flow loss and sampling)."""
+objective.py: DDPM or rectified-flow loss and sampling)."""

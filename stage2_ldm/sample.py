@@ -25,7 +25,7 @@ from shared.metrics.image_io import open_images, save_image_grid, save_images, w
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage2_ldm.dit import load_dit
-from stage2_ldm.objectives import build_objective
+from stage2_ldm.objective import build_objective
 
 
 def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Each step draws a fresh posterior sample z = μ + σ·ε from the cached moments (the cache holds both the image and
 its horizontal flip), normalises it per channel with the cache's statistics, and hands it to the objective (ADM
-DDPM or rectified flow, stage2_ldm/objectives.py). The statistics, latent shape and tokenizer go into every
+DDPM or rectified flow, stage2_ldm/objective.py). The statistics, latent shape and tokenizer go into every
 checkpoint, so sampling needs nothing but the checkpoint.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from shared.data.latents import LatentCache, LatentStats, make_latent_loader
 from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import resolve_checkpoint
 from shared.train.loop import TrainModule, train
-from shared.train.setup import loop_config, optim_config
+from shared.train.settings import loop_config, optim_config
 from stage2_ldm.dit import dit_from_model_config
-from stage2_ldm.objectives import build_objective
+from stage2_ldm.objective import build_objective
 from stage2_ldm.sample import preview_grid
 
 TRAINING_ONLY_KEYS = ("train", "checkpoint")

@@ -4,7 +4,7 @@ from torch import nn
 
 from shared.errors import ConfigError
 from stage2_ldm.dit import build_dit
-from stage2_ldm.objectives import DDPMObjective, FlowObjective, build_objective
+from stage2_ldm.objective import DDPMObjective, FlowObjective, build_objective
 from tests.helpers import load_config
 
 
