@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from shared.data import make_image_loader  # noqa: E402
 from shared.data.shards import write_shards  # noqa: E402
+from shared.machine import cpu_model  # noqa: E402
 
 
 def images_per_second(loader, warmup: int, batches: int) -> float:
@@ -39,16 +40,6 @@ def images_per_second(loader, warmup: int, batches: int) -> float:
     for _ in range(batches):
         images += len(next(iterator)["image"])
     return images / (time.perf_counter() - start)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

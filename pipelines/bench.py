@@ -27,7 +27,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -45,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.describe import count_parameters
 from pipelines.configs import ROOT, group_config
-from shared.runtime import Runtime, setup
+from shared.machine import describe
+from shared.runtime import Runtime, setup, synchronize
 
 # bench.quick: the same benchmark on tiny networks and inputs, a smoke test of this file (seconds, not minutes).
 QUICK = {
@@ -63,11 +63,6 @@ TARGETS = {"dit_train_step": 1.0, "vae_decode": 1.0, "latent_loader": 20.0}
 
 
 # ------------------------------------------------------------------------------------------------ timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     synchronize(device)
     start = time.perf_counter()
@@ -447,24 +442,8 @@ def bench_fid_features(ctx: Context) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def machine(runtime: Runtime) -> dict:
-    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "device": str(runtime.device),
-            "precision": str(runtime.autocast_dtype or "fp32"), "python": platform.python_version(),
-            # Other processes on a shared machine slow either side at random: the load says how much to trust ratios.
-            "load_average_1min": os.getloadavg()[0]}
-    if runtime.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(runtime.device)
-    return info
+    return describe(runtime.device, str(runtime.autocast_dtype or "fp32"))
 
 
 def command_line() -> str:

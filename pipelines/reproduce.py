@@ -15,7 +15,6 @@ have finished, tabulates) just those rows of the preset.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ from pipelines.configs import compose_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError, UserError, one_line  # noqa: E402
+from shared.machine import describe, summary  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -302,10 +302,8 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU only, {torch.get_num_threads()} threads"
-    return f"{cpu}; {device}; torch {torch.__version__}; Python {platform.python_version()}"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return summary(describe(device))
 
 
 def parse_arguments(argv: list[str], default_preset: str) -> tuple[str, Path, list[str], dict]:
