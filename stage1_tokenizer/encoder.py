@@ -93,15 +93,27 @@ class AttentionBlock(nn.Module):
         return x + rearrange(self.attention(tokens), "b (h w) c -> b c h w", h=height, w=width)
 
 
-class Downsample(nn.Module):
-    """Strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
+DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
 
-    def __init__(self, channels: int):
+
+class Downsample(nn.Module):
+    """Strided 3×3 conv: (B, C, H, W) -> (B, C, H/2, W/2) (even sizes; odd: ⌈·⌉ symmetric, ⌊·⌋ bottom_right).
+
+    padding "symmetric": one zero row/column on every side (ADM); "bottom_right": one zero row and column at the
+    bottom and right only (LDM / SD-VAE, diffusers' AutoencoderKL), so output pixel i sees input pixels 2i..2i+2
+    instead of 2i-1..2i+1. The weights have the same shape either way; only the padding makes SD-VAE's encoder.
+    """
+
+    def __init__(self, channels: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"tokenizer.encoder.downsample_padding={padding!r} is not one of "
+                              f"{', '.join(DOWNSAMPLE_PADDINGS)}")
+        self.bottom_right = padding == "bottom_right"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.bottom_right else x)
 
 
 class Upsample(nn.Module):
@@ -168,9 +180,10 @@ class Encoder(nn.Module):
 
     def __init__(self, latent_channels: int, base_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, attention_levels: Sequence[int] = (), head_channels: int = 64,
-                 dropout: float = 0.0, image_channels: int = 3):
+                 dropout: float = 0.0, image_channels: int = 3, downsample_padding: str = "symmetric"):
         """attention_levels: downsampling factors (1, 2, 4, ...) of the levels that get self-attention after each
-        ResBlock (SD-VAE: none; only the middle block attends)."""
+        ResBlock (SD-VAE: none; only the middle block attends). downsample_padding: see Downsample; SD-VAE's
+        weights (stage=import) need "bottom_right"."""
         super().__init__()
         self.conv_in = nn.Conv2d(image_channels, base_channels, 3, padding=1)
         self.levels = nn.ModuleList()
@@ -183,7 +196,7 @@ class Encoder(nn.Module):
                 if 2**level in attention_levels:
                     blocks.append(AttentionBlock(channels, head_channels))
             if level < len(channel_mult) - 1:
-                blocks.append(Downsample(channels))
+                blocks.append(Downsample(channels, downsample_padding))
             self.levels.append(blocks)
         self.middle = MiddleBlock(channels, dropout=dropout, head_channels=head_channels)
         self.norm_out = group_norm(channels)
