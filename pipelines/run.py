@@ -36,6 +36,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "shards": ("shared.data.shards:main", "write webdataset shards from an image folder"),
     "pipeline": ("pipelines.pipeline:main", "the main job: tokenizer -> cache -> ldm -> sample -> evaluate + report"),
     "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
+    "import": ("pipelines.interop:import_weights", "weights of diffusers or facebookresearch/DiT -> a checkpoint"),
+    "export": ("pipelines.interop:export_weights", "a checkpoint -> diffusers folder, DiT .pt or safetensors folder"),
 }
 
 

@@ -118,6 +118,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*.gamma", POSITIVE),
     ("*.logit_std", POSITIVE),
     ("*.disc_start", NON_NEGATIVE_INT),
+    ("export.latent_scale", Rule(integer=False, low=0, low_open=True, nullable=True)),
     *((f"tokenizer.loss.{term}", NON_NEGATIVE) for term in LOSS_WEIGHTS),
     ("*.ndf", COUNT),
     ("*.n_layers", COUNT),

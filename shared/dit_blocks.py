@@ -10,6 +10,8 @@ from torch import nn
 from shared.nn import SelfAttention, modulate
 
 
+NORM_EPS = 1e-6  # DiT's LayerNorms
+
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """positions (N,) -> (N, dim): [sin(pos · ω_k), cos(pos · ω_k)] with ω_k = 10000^(-2k / dim)."""
     omega = 10000.0 ** (-torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
@@ -34,12 +36,12 @@ class DiTBlock(nn.Module):
     With the modulation layer initialised to zero every gate is 0, so each block starts as the identity.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float = NORM_EPS):
         super().__init__()
         mlp_width = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_width), nn.GELU(approximate="tanh"), nn.Linear(mlp_width, dim))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -55,7 +57,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=NORM_EPS)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
 

@@ -13,10 +13,16 @@ from torch import nn
 FLOW_TIME_SCALE = 1000.0
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) times t (B,) -> (B, dim), as in the Transformer / ADM."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       frequency_shift: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) times t (B,) -> (B, dim), as in the Transformer / ADM:
+    [cos(t ω_k), sin(t ω_k)] with ω_k = max_period^(-k / (dim/2 − frequency_shift)), k < dim/2.
+
+    frequency_shift 0 is ADM's and DiT's; diffusers' DiTTransformer2DModel uses 1.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    steps = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * steps / (half - frequency_shift))
     angles = t.float()[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
     if dim % 2:
@@ -27,14 +33,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """t (B,) -> (B, dim): sinusoidal features followed by a two-layer MLP."""
 
-    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0):
+    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1.0, frequency_shift: int = 0):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.time_scale = time_scale
+        self.frequency_shift = frequency_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = timestep_embedding(t * self.time_scale, self.frequency_dim)
+        features = timestep_embedding(t * self.time_scale, self.frequency_dim, frequency_shift=self.frequency_shift)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 

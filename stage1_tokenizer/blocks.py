@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from shared.errors import ConfigError
 from shared.nn import SelfAttention, zero_module
 
 
@@ -84,15 +85,27 @@ class AttentionBlock(nn.Module):
         return x + rearrange(self.attention(tokens), "b (h w) c -> b c h w", h=height, w=width)
 
 
-class Downsample(nn.Module):
-    """Strided 3×3 conv: (B, C, H, W) -> (B, C, ⌈H/2⌉, ⌈W/2⌉)."""
+DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
 
-    def __init__(self, channels: int):
+
+class Downsample(nn.Module):
+    """Strided 3×3 conv: (B, C, H, W) -> (B, C, H/2, W/2) (even sizes; odd: ⌈·⌉ symmetric, ⌊·⌋ bottom_right).
+
+    padding "symmetric": one zero row/column on every side (ADM); "bottom_right": one zero row and column at the
+    bottom and right only (LDM / SD-VAE, diffusers' AutoencoderKL), so output pixel i sees input pixels 2i..2i+2
+    instead of 2i-1..2i+1. The weights have the same shape either way; only the padding makes SD-VAE's encoder.
+    """
+
+    def __init__(self, channels: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if padding not in DOWNSAMPLE_PADDINGS:
+            raise ConfigError(f"tokenizer.encoder.downsample_padding={padding!r} is not one of "
+                              f"{', '.join(DOWNSAMPLE_PADDINGS)}")
+        self.bottom_right = padding == "bottom_right"
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0 if self.bottom_right else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.bottom_right else x)
 
 
 class Upsample(nn.Module):

@@ -56,9 +56,10 @@ class Encoder(nn.Module):
 
     def __init__(self, latent_channels: int, base_channels: int = 128, channel_mult: Sequence[int] = (1, 2, 4, 4),
                  num_res_blocks: int = 2, attention_levels: Sequence[int] = (), head_channels: int = 64,
-                 dropout: float = 0.0, image_channels: int = 3):
+                 dropout: float = 0.0, image_channels: int = 3, downsample_padding: str = "symmetric"):
         """attention_levels: downsampling factors (1, 2, 4, ...) of the levels that get self-attention after each
-        ResBlock (SD-VAE: none; only the middle block attends)."""
+        ResBlock (SD-VAE: none; only the middle block attends). downsample_padding: see Downsample; SD-VAE's
+        weights (stage=import) need "bottom_right"."""
         super().__init__()
         self.conv_in = nn.Conv2d(image_channels, base_channels, 3, padding=1)
         self.levels = nn.ModuleList()
@@ -71,7 +72,7 @@ class Encoder(nn.Module):
                 if 2**level in attention_levels:
                     blocks.append(AttentionBlock(channels, head_channels))
             if level < len(channel_mult) - 1:
-                blocks.append(Downsample(channels))
+                blocks.append(Downsample(channels, downsample_padding))
             self.levels.append(blocks)
         self.middle = MiddleBlock(channels, dropout=dropout, head_channels=head_channels)
         self.norm_out = group_norm(channels)

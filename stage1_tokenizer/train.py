@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared import runtime as runtime_lib
 from shared.data.images import make_image_loader
@@ -20,7 +20,10 @@ from stage1_tokenizer.objective import build_objective
 
 # Keys of the tokenizer config group that describe training, not the networks: changing them keeps checkpoints
 # compatible (e.g. training longer).
-TRAINING_ONLY_KEYS = ("train", "checkpoint")
+TRAINING_ONLY_KEYS = ("train", "checkpoint", "init_encoder")
+# Encoder settings that change what the network computes but not the shapes of its weights: an initial encoder
+# brings its own (SD-VAE: one attention head, bottom/right padding), or its weights would compute something else.
+SHAPELESS_ENCODER_KEYS = ("head_channels", "downsample_padding")
 
 
 def model_config(tokenizer_cfg: DictConfig) -> dict:
@@ -36,6 +39,40 @@ def check_config(cfg: DictConfig) -> None:
     if resolution % factor:
         raise ConfigError(f"data.resolution={resolution} is not divisible by the tokenizer's downsampling factor "
                           f"tokenizer.downsample={factor}")
+
+
+def adopt_initial_encoder(cfg: DictConfig) -> dict | None:
+    """The encoder weights of tokenizer.init_encoder (a diffusers AutoencoderKL or a tokenizer checkpoint), or
+    None. Their shapes must be those of tokenizer.encoder (ConfigError otherwise); the settings that shapes do not
+    show (SHAPELESS_ENCODER_KEYS) are taken from the source into cfg.tokenizer.encoder, so the model config records
+    them."""
+    source = cfg.tokenizer.get("init_encoder")
+    if not source:
+        return None
+    from stage1_tokenizer.convert import initial_encoder
+    from stage1_tokenizer.encoder import Encoder
+    from stage1_tokenizer.tokenizer import construct
+
+    source_config, state = initial_encoder(source)
+    with torch.device("meta"):  # shapes only
+        ours = construct(Encoder, cfg.tokenizer.encoder, "tokenizer.encoder",
+                         latent_channels=cfg.tokenizer.latent_channels).state_dict()
+    different = next((name for name in sorted(set(ours) | set(state))
+                      if name not in ours or name not in state or ours[name].shape != state[name].shape), None)
+    if different is not None:
+        def shape(tensors):
+            return tuple(tensors[different].shape) if different in tensors else "absent"
+
+        layout = ", ".join(f"{key}={source_config[key]}" for key in
+                           ("latent_channels", "base_channels", "channel_mult", "num_res_blocks", "attention_levels"))
+        raise ConfigError(f"tokenizer.init_encoder={source} does not fit tokenizer.encoder: its {different} is "
+                          f"{shape(state)}, ours {shape(ours)}; choose a tokenizer whose encoder has {layout} "
+                          f"(tokenizer=epsvae_sd_b for SD-VAE)")
+    with open_dict(cfg):
+        for key in SHAPELESS_ENCODER_KEYS:
+            if key in source_config:
+                cfg.tokenizer.encoder[key] = source_config[key]
+    return state
 
 
 class TokenizerTraining(TrainModule):
@@ -85,9 +122,13 @@ def reconstruction_grid(tokenizer, images: torch.Tensor, nfe: int, path: Path) -
 def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train (or resume) the tokenizer of `cfg.tokenizer` on `cfg.data`; returns the final checkpoint path."""
     check_config(cfg)
+    initial_encoder = adopt_initial_encoder(cfg)  # before setup: the run's config records the adopted settings
     runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
     train_cfg = cfg.tokenizer.train
     objective = build_objective(cfg.tokenizer)
+    if initial_encoder is not None:  # before the loop copies the EMA; a resumed run then loads its checkpoint
+        objective.tokenizer.encoder.load_state_dict(initial_encoder)
+        runtime.log.info("encoder initialised from %s", cfg.tokenizer.init_encoder)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     objective.to(memory_format=memory_format)
     if cfg.compile:

@@ -6,6 +6,10 @@ final adaLN layer maps each token back to a p×p patch of C_out channels:
     C_out = C     the prediction (ε for DDPM, the velocity v for rectified flow)
     C_out = 2 C   prediction and, with `learn_sigma`, the interpolation v ∈ [-1, 1] of the DDPM variance.
 
+Two options exist only to hold diffusers' DiTTransformer2DModel exactly (stage2_ldm/convert.py): its time features
+use the frequencies 10000^(-k/127) instead of DiT's 10000^(-k/128) (`time_frequency_shift` 1 instead of 0), and its
+LayerNorm before the MLP has eps `norm_eps` (1e-5 by default) instead of DiT's 1e-6 (`mlp_norm_eps`).
+
 Time convention: t is given in DDPM step units, t ∈ [0, 1000], noise at the high end. The DDPM objective passes
 its integer step of the 1000-step chain (also when sampling on a respaced chain); the flow objective passes
 FLOW_TIME_SCALE · t = 1000 · t for the flow time t ∈ [0, 1] (shared/nn.py). Both then use the full range of the
@@ -23,7 +27,7 @@ from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from shared.dit_blocks import DiTBlock, FinalLayer, sincos_2d
+from shared.dit_blocks import NORM_EPS, DiTBlock, FinalLayer, sincos_2d
 from shared.errors import ConfigError
 from shared.nn import TimestepEmbedder, zero_module
 from shared.train.checkpoint import load_model_state
@@ -58,7 +62,8 @@ class DiT(nn.Module):
 
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 class_dropout: float = 0.1, learn_sigma: bool = True):
+                 class_dropout: float = 0.1, learn_sigma: bool = True, mlp_norm_eps: float = NORM_EPS,
+                 time_frequency_shift: int = 0):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -69,9 +74,9 @@ class DiT(nn.Module):
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # A buffer, not a parameter: fixed, but saved with the weights and moved with the model.
         self.register_buffer("pos_embed", sincos_2d(self.grid_size, self.grid_size, hidden_size)[None])
-        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, frequency_shift=time_frequency_shift)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, mlp_norm_eps) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -121,6 +126,10 @@ class DiT(nn.Module):
         return torch.cat([guided, conditional[:, channels:]], dim=1)
 
 
+# Keys that only imported checkpoints record (stage2_ldm/convert.py); absent, the DiT has DiT's own values.
+IMPORTED_VARIANT_KEYS = ("mlp_norm_eps", "time_frequency_shift")
+
+
 def build_dit(ldm_cfg: DictConfig, in_channels: int, input_size: int, num_classes: int) -> DiT:
     """The DiT of an `ldm` config group, for latents (in_channels, input_size, input_size)."""
     if ldm_cfg.kind != "dit":
@@ -137,7 +146,8 @@ def build_dit(ldm_cfg: DictConfig, in_channels: int, input_size: int, num_classe
     return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                patch_size=ldm_cfg.patch_size, hidden_size=ldm_cfg.hidden_size, depth=ldm_cfg.depth,
                num_heads=ldm_cfg.num_heads, mlp_ratio=ldm_cfg.mlp_ratio, class_dropout=ldm_cfg.class_dropout,
-               learn_sigma=ldm_cfg.learn_sigma)
+               learn_sigma=ldm_cfg.learn_sigma,
+               **{key: ldm_cfg[key] for key in IMPORTED_VARIANT_KEYS if key in ldm_cfg})
 
 
 def dit_from_model_config(config: dict) -> DiT:

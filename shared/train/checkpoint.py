@@ -8,16 +8,24 @@ torch.save, not OSError) is one DataError, and the temporary file is always remo
 A checkpoint holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so every read uses
 torch.load(weights_only=True): a file someone shared whose pickle would call a function is refused before anything
 in it runs.
+
+A network can also be kept as a weights folder, without training state and without pickle: `model.safetensors` (its
+state dict) and `model.json` ({"network", "step", "config"}). stage=export writes them (pipelines/interop.py);
+every reader here takes one wherever it takes a checkpoint.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import safetensors.torch
 import torch
 
 from shared.errors import DataError
@@ -30,12 +38,22 @@ STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
 NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_CONFIG = "model.json"
+
+
 def atomic_save(obj, path: Path) -> None:
+    """torch.save(obj) to `path`, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """write(file) into a temporary file beside `path`, fsynced, then renamed to `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,9 +70,38 @@ def atomic_save(obj, path: Path) -> None:
         os.close(directory)
 
 
+def save_weights_folder(directory: str | Path, network: str, state_dict: dict, config: dict, step: int = 0) -> Path:
+    """A weights folder: `model.safetensors` (state_dict) and `model.json`; returns the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
+    header = {"network": network, "step": step, "config": config}
+    atomic_write(directory / WEIGHTS_CONFIG, lambda f: f.write(json.dumps(header, indent=2).encode() + b"\n"))
+    return directory
+
+
+def is_weights_folder(path: Path) -> bool:
+    return path.is_dir() and (path / WEIGHTS_CONFIG).is_file()
+
+
+def load_weights_folder(directory: Path) -> dict:
+    """A weights folder as a checkpoint dict: {"step", "config", "models": {network: state_dict}}."""
+    try:
+        header = json.loads((directory / WEIGHTS_CONFIG).read_text())
+        state_dict = safetensors.torch.load_file(directory / WEIGHTS_FILE)
+        return {"step": header["step"], "config": header["config"], "models": {header["network"]: state_dict}}
+    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as error:
+        raise DataError(f"weights folder {directory} cannot be read ({type(error).__name__}: {error}); export it "
+                        f"again with stage=export") from error
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run folder (`<run>` or `<run>/checkpoints`)."""
+    """A checkpoint file, a weights folder, or the newest checkpoint of a run folder (`<run>` or
+    `<run>/checkpoints`)."""
     path = Path(path)
+    if is_weights_folder(path):
+        return path
     if path.is_dir():
         for directory in (path / "checkpoints", path):
             newest = CheckpointDir(directory).latest()
@@ -67,11 +114,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint dict from a file or a run folder (its newest checkpoint), read without running any code.
+    """A checkpoint dict from a file, a weights folder or a run folder (its newest checkpoint), read without running
+    any code.
 
     mmap: map the tensors from the file instead of reading them (cheap when only a few values are needed).
     """
     path = resolve_checkpoint(path)
+    if path.is_dir():
+        return load_weights_folder(path)
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)

@@ -1,0 +1,114 @@
+"""Reading weights that other code bases wrote, without running anything in them.
+
+    state_dict = read_state_dict("DiT-XL-2-256x256.pt")              # .safetensors, or a torch pickle of tensors
+    config, state_dict = read_diffusers_model("sd-vae-ft-ema/")       # a save_pretrained folder (or file + config)
+    save_diffusers_folder(config, state_dict, out_dir)                # what <_class_name>.from_pretrained loads
+
+`.safetensors` files are read by safetensors; everything else by torch.load(weights_only=True), which refuses a
+pickle that would call any function before it runs. The stage converters (stage1_tokenizer/convert.py,
+stage2_ldm/convert.py) map the names.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from shared.errors import ConfigError, DataError
+
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DIFFUSERS_SHARD_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or of a torch file holding a state dict (optionally under "ema",
+    "model" or "state_dict", the layouts of DiT's and most training scripts' checkpoints)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path)
+        except (OSError, safetensors.SafetensorError) as error:
+            raise DataError(f"{path} is not a readable .safetensors file ({error})") from error
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path} holds Python objects beyond tensors, which a safe load refuses, so nothing in it "
+                        f"was run: load it with the code that wrote it and save its state dict alone "
+                        f"(torch.save(model.state_dict(), ...))") from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise DataError(f"{path} cannot be read as torch weights ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    for key in ("ema", "model", "state_dict"):  # training checkpoints: the weights, EMA first (DiT's convention)
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise DataError(f"{path} does not hold a state dict (names -> tensors)")
+    return dict(loaded)
+
+
+def is_diffusers_model(path: str | Path) -> bool:
+    """A save_pretrained folder of one diffusers model (config.json beside its weights)."""
+    path = Path(path)
+    return (path / DIFFUSERS_CONFIG).is_file() and any(
+        (path / name).is_file() for name in (*DIFFUSERS_WEIGHTS, DIFFUSERS_SHARD_INDEX))
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{what} {path} cannot be read ({error})") from error
+    if not isinstance(values, dict):
+        raise DataError(f"{what} {path} is not a JSON object")
+    return values
+
+
+def read_diffusers_model(path: str | Path, config_path: str | Path | None = None) -> tuple[dict, dict]:
+    """(config, state_dict) of a diffusers model: a save_pretrained folder (single or sharded safetensors, or
+    .bin), or one weights file with its config.json (`config_path`, default: config.json beside the file)."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_diffusers_model(path):
+            raise DataError(f"{path} is not a diffusers model folder (config.json and "
+                            f"{' or '.join(DIFFUSERS_WEIGHTS)}); for a model of a pipeline, give its subfolder "
+                            f"(e.g. vae/ or transformer/)")
+        config = read_json(Path(config_path) if config_path else path / DIFFUSERS_CONFIG, "diffusers config")
+        return config, read_folder_weights(path)
+    config_path = Path(config_path) if config_path else path.with_name(DIFFUSERS_CONFIG)
+    if not config_path.is_file():
+        raise DataError(f"{path} comes without its diffusers config: pass import.config=<its config.json>")
+    return read_json(config_path, "diffusers config"), read_state_dict(path)
+
+
+def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / DIFFUSERS_SHARD_INDEX
+    if index.is_file():
+        shards = sorted(set(read_json(index, "shard index").get("weight_map", {}).values()))
+        state_dict = {}
+        for shard in shards:
+            state_dict.update(read_state_dict(folder / shard))
+        return state_dict
+    return read_state_dict(next(folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()))
+
+
+def save_diffusers_folder(config: dict, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> torch.nn.Module:
+    """Write a folder that `<config["_class_name"]>.from_pretrained` loads, and return the diffusers model. diffusers
+    builds the model from the config and takes every weight strictly, so a name a converter got wrong fails here,
+    not in the user's code."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError("export.format=diffusers needs the diffusers package: pip install 'diffusers==0.42.1' "
+                          "(setup.sh installs it)") from None
+    model_class = getattr(diffusers, config["_class_name"])
+    model = model_class(**{key: value for key, value in config.items() if not key.startswith("_")})
+    model.load_state_dict(state_dict, strict=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model.eval()
