@@ -26,9 +26,9 @@ from shared.config_check import check_config
 from shared.errors import ConfigError
 
 # Keys that change how a run is shown, stored or laid out in memory, not what it computes: a rerun that differs
-# only in these resumes the same run. `import` and `export` configure only stages that never resume, and no other
-# stage reads them: runs and pipeline folders made before they existed still match.
-NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last", "import", "export")
+# only in these resumes the same run. `import`, `export` and `paper_speed` configure only stages that never resume,
+# and no other stage reads them: runs and pipeline folders made before they existed still match.
+NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last", "import", "export", "paper_speed")
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -73,3 +73,15 @@ def test_a_tiny_paper_speed_run_writes_its_table(tmp_path):
     assert written["rows"] == report["rows"]
     table = (tmp_path / "speed.md").read_text()
     assert "**composed**" in table and "| 8 | " in table and "eps f8 / SD f4" in table
+
+
+def test_its_settings_leave_every_other_run_s_fingerprint_alone():
+    """Runs and pipeline folders made before stage=paper_speed existed must still resume."""
+    from shared.runtime import config_fingerprint
+
+    cfg = load_config(["stage=tokenizer"])
+    before = config_fingerprint(cfg)
+    with open_dict(cfg):
+        cfg.paper_speed.batch_size = 8
+        del cfg.paper_speed  # as in a config saved before the section existed
+    assert config_fingerprint(cfg) == before
