@@ -105,7 +105,7 @@ def save_diffusers_folder(config: dict, state_dict: dict[str, torch.Tensor], out
     try:
         import diffusers
     except ImportError:
-        raise ConfigError("export.format=diffusers needs the diffusers package: pip install 'diffusers==0.42.1' "
+        raise ConfigError("export.format=diffusers needs the diffusers package: pip install -e '.[bench]' "
                           "(setup.sh installs it)") from None
     model_class = getattr(diffusers, config["_class_name"])
     model = model_class(**{key: value for key, value in config.items() if not key.startswith("_")})

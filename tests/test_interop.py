@@ -9,7 +9,6 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from pipelines.interop import export_weights, import_weights
 from shared.errors import ConfigError, DataError
@@ -24,6 +23,9 @@ from stage2_ldm.convert import dit_from_diffusers, dit_from_official, official_f
 from stage2_ldm.dit import DiT, load_dit
 from stage2_ldm.sample import sample_to_folder
 from tests.helpers import load_config, run_cli
+
+diffusers = pytest.importorskip("diffusers")  # the bench extra: the other side of every round trip
+AutoencoderKL, DiTTransformer2DModel = diffusers.AutoencoderKL, diffusers.DiTTransformer2DModel
 
 ATOL = 1e-5
 SD_SCALE = 0.18215
