@@ -65,19 +65,19 @@ def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
     out = pipeline.folder("reconstruct")
     metrics_path = out / f"metrics_nfe{cfg.decode.nfe}.json"
     if not metrics_path.is_file():
-        runtime = runtime_lib.setup(cfg, run_dir=out)
-        tokenizer = load_tokenizer(trained.tokenizer_checkpoint(), runtime.device, use_ema=bool(cfg.decode.use_ema))
-        tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
-        torch.manual_seed(cfg.seed)
-        metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
-                                    nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
-                                    autocast=runtime.autocast, lpips_net=cfg.lpips_net,
-                                    subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
-                                    grid_path=out / f"reconstructions_nfe{cfg.decode.nfe}.png",
-                                    per_image_file=per_image_path(out, cfg.decode.nfe))
-        metrics_path.write_text(json.dumps({**metrics, "checkpoint": str(trained.tokenizer_checkpoint()),
-                                            "grid": tokenizer.grid}, indent=2) + "\n")
-        runtime.close()
+        with runtime_lib.setup(cfg, run_dir=out) as runtime:
+            tokenizer = load_tokenizer(trained.tokenizer_checkpoint(), runtime.device, use_ema=bool(cfg.decode.use_ema))
+            tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
+            torch.manual_seed(cfg.seed)
+            metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split,
+                                        num_images=cfg.reconstruct.num_images,
+                                        nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
+                                        autocast=runtime.autocast, lpips_net=cfg.lpips_net,
+                                        subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
+                                        grid_path=out / f"reconstructions_nfe{cfg.decode.nfe}.png",
+                                        per_image_file=per_image_path(out, cfg.decode.nfe))
+            metrics_path.write_text(json.dumps({**metrics, "checkpoint": str(trained.tokenizer_checkpoint()),
+                                                "grid": tokenizer.grid}, indent=2) + "\n")
     return json.loads(metrics_path.read_text()), pipeline
 
 

@@ -119,13 +119,12 @@ def import_weights(cfg: DictConfig) -> None:
     network, config, state, kind = imported_network(Path(settings.source), settings.config, cfg)
     with torch.device("meta"):  # the config rebuilds exactly these weights (checked without allocating)
         build_network(network, config).load_state_dict(state, assign=True)
-    runtime = setup(cfg)
-    checkpoint = CheckpointDir(runtime.run_dir / "checkpoints").save(
-        {"step": 0, "config": config, "models": {network: state},
-         "source": {"path": str(settings.source), "format": kind}}, step=0)
-    key = "tokenizer.checkpoint" if network == "tokenizer" else "ldm.checkpoint"
-    runtime.log.info("imported %s (%s) as %s: pass %s=%s", settings.source, kind, network, key, runtime.run_dir)
-    runtime.close()
+    with setup(cfg) as runtime:
+        checkpoint = CheckpointDir(runtime.run_dir / "checkpoints").save(
+            {"step": 0, "config": config, "models": {network: state},
+             "source": {"path": str(settings.source), "format": kind}}, step=0)
+        key = "tokenizer.checkpoint" if network == "tokenizer" else "ldm.checkpoint"
+        runtime.log.info("imported %s (%s) as %s: pass %s=%s", settings.source, kind, network, key, runtime.run_dir)
     print(json.dumps({"network": network, "source": str(settings.source), "format": kind,
                       "checkpoint": str(checkpoint)}))
 
@@ -183,16 +182,15 @@ def export_weights(cfg: DictConfig) -> None:
     model.load_state_dict(state)
     exported_config, exported_state = converted_for_export(settings, network, model, config, state)
 
-    runtime = setup(cfg)
-    result = {"network": network, "format": settings.format, "source": str(resolve_checkpoint(settings.source)),
-              "out": str(runtime.run_dir)}
-    if settings.format == "safetensors":
-        save_weights_folder(runtime.run_dir, network, state, config, checkpoint.get("step", 0))
-    elif settings.format == "dit":
-        atomic_save(exported_state, runtime.run_dir / OFFICIAL_DIT_FILE)
-    else:
-        theirs = save_diffusers_folder(exported_config, exported_state, runtime.run_dir)
-        result["max_abs_difference"] = largest_difference(network, model, theirs)
-    runtime.log.info("exported: %s", json.dumps(result))
-    runtime.close()
+    with setup(cfg) as runtime:
+        result = {"network": network, "format": settings.format, "source": str(resolve_checkpoint(settings.source)),
+                  "out": str(runtime.run_dir)}
+        if settings.format == "safetensors":
+            save_weights_folder(runtime.run_dir, network, state, config, checkpoint.get("step", 0))
+        elif settings.format == "dit":
+            atomic_save(exported_state, runtime.run_dir / OFFICIAL_DIT_FILE)
+        else:
+            theirs = save_diffusers_folder(exported_config, exported_state, runtime.run_dir)
+            result["max_abs_difference"] = largest_difference(network, model, theirs)
+        runtime.log.info("exported: %s", json.dumps(result))
     print(json.dumps(result))

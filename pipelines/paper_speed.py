@@ -190,21 +190,20 @@ def write_report(report: dict, stem: Path) -> None:
 
 def main(cfg: DictConfig) -> dict:
     started = time.perf_counter()
-    runtime = setup(cfg)
-    settings = cfg.paper_speed
-    torch.manual_seed(cfg.seed)
-    ldm_cfg = OmegaConf.create(group_config("ldm", settings.ldm))
-    parts = measure_parts(settings, runtime, ldm_cfg)
-    rows = throughput_table(parts, settings)
-    dit = build_dit(ldm_cfg, LATENT_CHANNELS, settings.image_size // settings.compressions[0], NUM_CLASSES)
-    report = {"command": command_line(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "machine": machine(runtime), "settings": OmegaConf.to_container(settings, resolve=True),
-              "ldm": settings.ldm, "dit_params": sum(p.numel() for p in dit.parameters()), "parts": parts,
-              "rows": rows, "ratios": ratios(rows, settings), "seconds": time.perf_counter() - started}
-    write_report(report, runtime.run_dir / "paper_speed")
-    if settings.out:
-        write_report(report, ROOT / settings.out)
-    print(markdown(report))
-    runtime.mark_done()
-    runtime.close()
+    with setup(cfg) as runtime:
+        settings = cfg.paper_speed
+        torch.manual_seed(cfg.seed)
+        ldm_cfg = OmegaConf.create(group_config("ldm", settings.ldm))
+        parts = measure_parts(settings, runtime, ldm_cfg)
+        rows = throughput_table(parts, settings)
+        dit = build_dit(ldm_cfg, LATENT_CHANNELS, settings.image_size // settings.compressions[0], NUM_CLASSES)
+        report = {"command": command_line(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "machine": machine(runtime), "settings": OmegaConf.to_container(settings, resolve=True),
+                  "ldm": settings.ldm, "dit_params": sum(p.numel() for p in dit.parameters()), "parts": parts,
+                  "rows": rows, "ratios": ratios(rows, settings), "seconds": time.perf_counter() - started}
+        write_report(report, runtime.run_dir / "paper_speed")
+        if settings.out:
+            write_report(report, ROOT / settings.out)
+        print(markdown(report))
+        runtime.mark_done()
     return report

@@ -190,6 +190,12 @@ class Runtime:
             self.save_config()
             (self.run_dir / "DONE").write_text(datetime.datetime.now().isoformat() + "\n")
 
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info) -> None:  # on errors too: the log file and wandb run are closed either way
+        self.close()
+
     def close(self) -> None:
         if self._wandb_run is not None:
             self._wandb_run.finish()

@@ -96,23 +96,22 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
 
 
 def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | None = None) -> dict:
-    runtime = runtime_lib.setup(cfg, run_dir=run_dir)
-    checkpoint = resolve_checkpoint(checkpoint)
-    tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
-    torch.manual_seed(cfg.seed)
-    nfe = cfg.decode.nfe
-    metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
-                                nfe=nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
-                                autocast=runtime.autocast, lpips_net=cfg.lpips_net,
-                                subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
-                                grid_path=runtime.run_dir / f"reconstructions_nfe{nfe}.png",
-                                grid_images=cfg.reconstruct.grid_images,
-                                per_image_file=per_image_path(runtime.run_dir, nfe), progress=cfg.progress)
-    metrics.update(tokenizer=type(tokenizer).__name__, checkpoint=str(checkpoint), use_ema=bool(cfg.decode.use_ema),
-                   device=str(runtime.device))
-    (runtime.run_dir / f"metrics_nfe{nfe}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    runtime.log.info("reconstruction: %s", json.dumps(metrics))
-    runtime.close()
+    with runtime_lib.setup(cfg, run_dir=run_dir) as runtime:
+        checkpoint = resolve_checkpoint(checkpoint)
+        tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
+        torch.manual_seed(cfg.seed)
+        nfe = cfg.decode.nfe
+        metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
+                                    nfe=nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
+                                    autocast=runtime.autocast, lpips_net=cfg.lpips_net,
+                                    subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
+                                    grid_path=runtime.run_dir / f"reconstructions_nfe{nfe}.png",
+                                    grid_images=cfg.reconstruct.grid_images,
+                                    per_image_file=per_image_path(runtime.run_dir, nfe), progress=cfg.progress)
+        metrics.update(tokenizer=type(tokenizer).__name__, checkpoint=str(checkpoint), use_ema=bool(cfg.decode.use_ema),
+                       device=str(runtime.device))
+        (runtime.run_dir / f"metrics_nfe{nfe}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        runtime.log.info("reconstruction: %s", json.dumps(metrics))
     return metrics
 
 

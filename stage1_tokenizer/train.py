@@ -123,42 +123,42 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
     """Train (or resume) the tokenizer of `cfg.tokenizer` on `cfg.data`; returns the final checkpoint path."""
     check_config(cfg)
     initial_encoder = adopt_initial_encoder(cfg)  # before setup: the run's config records the adopted settings
-    runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
-    train_cfg = cfg.tokenizer.train
-    objective = build_objective(cfg.tokenizer)
-    if initial_encoder is not None:  # before the loop copies the EMA; a resumed run then loads its checkpoint
-        objective.tokenizer.encoder.load_state_dict(initial_encoder)
-        runtime.log.info("encoder initialised from %s", cfg.tokenizer.init_encoder)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    objective.to(memory_format=memory_format)
-    if cfg.compile:
-        objective.tokenizer.compile()  # in place: checkpoints keep the plain module's parameter names
-    module = TokenizerTraining(objective)
-    optim = {"generator": optim_config(train_cfg)}
-    if "discriminator" in module.phases():
-        optim["discriminator"] = optim_config(train_cfg, prefix="disc_")
-    loop = loop_config(train_cfg, optim)
+    with runtime_lib.setup(cfg, run_dir=run_dir, resume=True) as runtime:
+        train_cfg = cfg.tokenizer.train
+        objective = build_objective(cfg.tokenizer)
+        if initial_encoder is not None:  # before the loop copies the EMA; a resumed run then loads its checkpoint
+            objective.tokenizer.encoder.load_state_dict(initial_encoder)
+            runtime.log.info("encoder initialised from %s", cfg.tokenizer.init_encoder)
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        objective.to(memory_format=memory_format)
+        if cfg.compile:
+            objective.tokenizer.compile()  # in place: checkpoints keep the plain module's parameter names
+        module = TokenizerTraining(objective)
+        optim = {"generator": optim_config(train_cfg)}
+        if "discriminator" in module.phases():
+            optim["discriminator"] = optim_config(train_cfg, prefix="disc_")
+        loop = loop_config(train_cfg, optim)
 
-    def make_batches(start_step: int):
-        loader = make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
-                                   rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
-                                   pin_memory=runtime.device.type == "cuda")
-        # Converted once per batch on the host: the loop's device transfer keeps the layout.
-        return ({**batch, "image": batch["image"].contiguous(memory_format=memory_format)} for batch in loader)
+        def make_batches(start_step: int):
+            loader = make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
+                                       rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
+                                       pin_memory=runtime.device.type == "cuda")
+            # Converted once per batch on the host: the loop's device transfer keeps the layout.
+            return ({**batch, "image": batch["image"].contiguous(memory_format=memory_format)} for batch in loader)
 
-    preview = preview_images(cfg.data, cfg.reconstruct.grid_images).to(runtime.device)
+        preview = preview_images(cfg.data, cfg.reconstruct.grid_images).to(runtime.device)
 
-    def on_sample(step: int, ema) -> None:
-        with runtime.autocast():
-            reconstruction_grid(ema.model, preview, cfg.decode.nfe, runtime.run_dir / "samples" / f"recon_{step:07d}.png")
+        def on_sample(step: int, ema) -> None:
+            with runtime.autocast():
+                reconstruction_grid(ema.model, preview, cfg.decode.nfe,
+                                    runtime.run_dir / "samples" / f"recon_{step:07d}.png")
 
-    runtime.log.info("tokenizer %s: %.2fM trainable parameters", cfg.tokenizer.kind,
-                     sum(p.numel() for p in objective.tokenizer.parameters()) / 1e6)
-    result = train(runtime, module, make_batches, loop, model_config=model_config(cfg.tokenizer),
-                   images_per_batch=train_cfg.batch_size, on_sample=on_sample, progress=cfg.progress)
-    runtime.log.info("done: %s", result.checkpoint)
-    runtime.mark_done()
-    runtime.close()
+        runtime.log.info("tokenizer %s: %.2fM trainable parameters", cfg.tokenizer.kind,
+                         sum(p.numel() for p in objective.tokenizer.parameters()) / 1e6)
+        result = train(runtime, module, make_batches, loop, model_config=model_config(cfg.tokenizer),
+                       images_per_batch=train_cfg.batch_size, on_sample=on_sample, progress=cfg.progress)
+        runtime.log.info("done: %s", result.checkpoint)
+        runtime.mark_done()
     return result.checkpoint
 
 

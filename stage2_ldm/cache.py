@@ -231,12 +231,12 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError("cache.splits is empty: name the splits to cache, e.g. cache.splits=[train]")
     use_ema = bool(cfg.decode.use_ema)
     fingerprint = tokenizer_fingerprint(checkpoint, use_ema=use_ema)
-    runtime = setup(cfg, run_dir=cfg.cache.dir)
-    tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=use_ema)
-    for split in splits:
-        cache_latents(tokenizer, cfg.data, split, cfg.cache.dir, shard_size=int(cfg.cache.shard_size),
-                      batch_size=int(cfg.cache.batch_size), device=runtime.device, autocast=runtime.autocast,
-                      rank=runtime.rank, world_size=runtime.world_size, tokenizer_fingerprint=fingerprint,
-                      progress=bool(cfg.progress), barrier=runtime.barrier, dtype=str(cfg.cache.get("dtype", "float32")))
-    runtime.mark_done()
-    runtime.close()
+    with setup(cfg, run_dir=cfg.cache.dir) as runtime:
+        tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=use_ema)
+        for split in splits:
+            cache_latents(tokenizer, cfg.data, split, cfg.cache.dir, shard_size=int(cfg.cache.shard_size),
+                          batch_size=int(cfg.cache.batch_size), device=runtime.device, autocast=runtime.autocast,
+                          rank=runtime.rank, world_size=runtime.world_size, tokenizer_fingerprint=fingerprint,
+                          progress=bool(cfg.progress), barrier=runtime.barrier,
+                          dtype=str(cfg.cache.get("dtype", "float32")))
+        runtime.mark_done()

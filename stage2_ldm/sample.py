@@ -123,38 +123,37 @@ def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, clas
 def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
     """Sample, decode and write images, grid, npz and metrics.json; returns the metrics. Several processes split
     the labels (rank r takes every world_size-th) and rank 0 assembles the npz."""
-    runtime = runtime_lib.setup(cfg, run_dir=out_dir)
-    torch.manual_seed(cfg.seed + runtime.rank)
-    dit, config = load_dit(ldm_checkpoint, runtime.device, use_ema=True)
-    tokenizer = _tokenizer_for(cfg, config, runtime.device)
-    labels = labels_to_sample(cfg.sample, config["num_classes"])
-    indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
-    images, timings = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
-                               sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
-                               batch_size=cfg.sample.batch_size, device=runtime.device, autocast=runtime.autocast,
-                               progress=cfg.progress and runtime.is_main)
-    names = [f"{int(i):06d}_c{int(labels[i])}" for i in indices]
-    save_images(images, runtime.run_dir / "images", names)
-    runtime.barrier()
-    metrics = {}
-    if runtime.is_main:
-        # Every rank's PNGs, in index order (file names start with the zero-padded index).
-        written = open_images(runtime.run_dir / "images")
-        everything = written.read(0, len(written))
-        write_npz(runtime.run_dir / "samples.npz", everything, labels=labels)
-        save_class_grid(everything, labels, runtime.run_dir / "grid.png")
-        sampler, steps = build_objective(OmegaConf.create(config)).sampling(cfg.sample.sampler, cfg.sample.steps)
-        metrics = {
-            "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
-            "sampler": sampler, "steps": steps, "decoder_nfe": cfg.decode.nfe,
-            "objective": config["objective"], "device": str(runtime.device),
-            "images_per_s": throughput(timings),
-            "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},
-            "ldm_checkpoint": str(resolve_checkpoint(ldm_checkpoint)),
-        }
-        (runtime.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        runtime.log.info("samples in %s: %s", runtime.run_dir, json.dumps(metrics["images_per_s"]))
-    runtime.close()
+    with runtime_lib.setup(cfg, run_dir=out_dir) as runtime:
+        torch.manual_seed(cfg.seed + runtime.rank)
+        dit, config = load_dit(ldm_checkpoint, runtime.device, use_ema=True)
+        tokenizer = _tokenizer_for(cfg, config, runtime.device)
+        labels = labels_to_sample(cfg.sample, config["num_classes"])
+        indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
+        images, timings = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
+                                   sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
+                                   batch_size=cfg.sample.batch_size, device=runtime.device, autocast=runtime.autocast,
+                                   progress=cfg.progress and runtime.is_main)
+        names = [f"{int(i):06d}_c{int(labels[i])}" for i in indices]
+        save_images(images, runtime.run_dir / "images", names)
+        runtime.barrier()
+        metrics = {}
+        if runtime.is_main:
+            # Every rank's PNGs, in index order (file names start with the zero-padded index).
+            written = open_images(runtime.run_dir / "images")
+            everything = written.read(0, len(written))
+            write_npz(runtime.run_dir / "samples.npz", everything, labels=labels)
+            save_class_grid(everything, labels, runtime.run_dir / "grid.png")
+            sampler, steps = build_objective(OmegaConf.create(config)).sampling(cfg.sample.sampler, cfg.sample.steps)
+            metrics = {
+                "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
+                "sampler": sampler, "steps": steps, "decoder_nfe": cfg.decode.nfe,
+                "objective": config["objective"], "device": str(runtime.device),
+                "images_per_s": throughput(timings),
+                "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},
+                "ldm_checkpoint": str(resolve_checkpoint(ldm_checkpoint)),
+            }
+            (runtime.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            runtime.log.info("samples in %s: %s", runtime.run_dir, json.dumps(metrics["images_per_s"]))
     return metrics
 
 

@@ -90,31 +90,30 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
 
         tokenizer_checkpoint = str(resolve_checkpoint(tokenizer_checkpoint))
         expected_fingerprint = tokenizer_fingerprint(tokenizer_checkpoint, use_ema=bool(cfg.decode.use_ema))
-    runtime = runtime_lib.setup(cfg, run_dir=run_dir, resume=True)
-    train_cfg = cfg.ldm.train
-    cache = LatentCache(cache_dir, "train", expected_tokenizer_fingerprint=expected_fingerprint)
-    config = model_config(cfg, cache, tokenizer_checkpoint)
-    dit = dit_from_model_config(config)
-    if cfg.compile:
-        dit.compile()  # in place: parameter names, and so checkpoints, stay those of the plain module
-    module = LatentDiffusionTraining(dit, build_objective(cfg.ldm), cache.stats)
-    runtime.log.info("DiT: %.2fM parameters on %d latents of shape %s", sum(p.numel() for p in dit.parameters()) / 1e6,
-                     len(cache), cache.latent_shape)
-    loop = loop_config(train_cfg, {"dit": optim_config(train_cfg)})
+    with runtime_lib.setup(cfg, run_dir=run_dir, resume=True) as runtime:
+        train_cfg = cfg.ldm.train
+        cache = LatentCache(cache_dir, "train", expected_tokenizer_fingerprint=expected_fingerprint)
+        config = model_config(cfg, cache, tokenizer_checkpoint)
+        dit = dit_from_model_config(config)
+        if cfg.compile:
+            dit.compile()  # in place: parameter names, and so checkpoints, stay those of the plain module
+        module = LatentDiffusionTraining(dit, build_objective(cfg.ldm), cache.stats)
+        runtime.log.info("DiT: %.2fM parameters on %d latents of shape %s",
+                         sum(p.numel() for p in dit.parameters()) / 1e6, len(cache), cache.latent_shape)
+        loop = loop_config(train_cfg, {"dit": optim_config(train_cfg)})
 
-    def make_batches(start_step: int):
-        return make_latent_loader(cache_dir, "train", train_cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
-                                  world_size=runtime.world_size, start_batch=start_step,
-                                  expected_tokenizer_fingerprint=expected_fingerprint)
+        def make_batches(start_step: int):
+            return make_latent_loader(cache_dir, "train", train_cfg.batch_size, seed=cfg.seed, rank=runtime.rank,
+                                      world_size=runtime.world_size, start_batch=start_step,
+                                      expected_tokenizer_fingerprint=expected_fingerprint)
 
-    def preview(step: int, ema) -> None:
-        preview_grid(cfg, step, ema.model, config, runtime)
+        def preview(step: int, ema) -> None:
+            preview_grid(cfg, step, ema.model, config, runtime)
 
-    result = train(runtime, module, make_batches, loop, model_config=config, images_per_batch=train_cfg.batch_size,
-                   on_sample=preview if previews else None,
-                   deepspeed_config=deepspeed_config(cfg, train_cfg.batch_size), progress=cfg.progress)
-    runtime.mark_done()
-    runtime.close()
+        result = train(runtime, module, make_batches, loop, model_config=config, images_per_batch=train_cfg.batch_size,
+                       on_sample=preview if previews else None,
+                       deepspeed_config=deepspeed_config(cfg, train_cfg.batch_size), progress=cfg.progress)
+        runtime.mark_done()
     return result.checkpoint
 
 

@@ -284,3 +284,15 @@ def test_channels_last_training_computes_what_contiguous_training_does(tmp_path)
         for key in ("loss/velocity", "loss/lpips", "loss/adversarial", "disc/loss"):
             if key in plain:
                 assert nhwc[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
+
+
+def test_the_runtime_closes_its_log_file_when_a_stage_fails(tmp_path):
+    from shared.runtime import setup
+
+    cfg = load_config(["stage=tokenizer", "device=cpu"], output_root=tmp_path)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with setup(cfg, run_dir=tmp_path / "run") as runtime:
+            log = runtime.log
+            assert any(isinstance(handler, logging.FileHandler) for handler in log.handlers)
+            raise RuntimeError("stage failed")
+    assert not any(isinstance(handler, logging.FileHandler) for handler in log.handlers)

@@ -156,15 +156,14 @@ def main(cfg: DictConfig) -> dict:
     if cfg.data.kind != "imagefolder":
         raise ConfigError(f"stage=shards reads an image folder, but data.kind={cfg.data.kind}: "
                           f"use data=imagefolder data.root=...")
-    runtime = setup(cfg)
-    split = cfg.shards.split
-    folder = cfg.data.get(f"{split}_split") or split
-    manifest = write_shards(cfg.data.root, cfg.shards.out_dir, folder, int(cfg.shards.shard_size),
-                            class_map=cfg.data.get("class_map"), progress=bool(cfg.progress))
-    runtime.log.info("wrote %d samples in %d shards to %s (%d files skipped, listed in manifest.json)",
-                     manifest["total"], len(manifest["shards"]), cfg.shards.out_dir, len(manifest["skipped"]))
-    print(f"Read them with:\n  data=webdataset 'data.{split}_urls=\"{manifest['url_pattern']}\"' "
-          f"data.num_classes={manifest['num_classes']} data.resolution={cfg.data.resolution}")
-    runtime.mark_done()
-    runtime.close()
+    with setup(cfg) as runtime:
+        split = cfg.shards.split
+        folder = cfg.data.get(f"{split}_split") or split
+        manifest = write_shards(cfg.data.root, cfg.shards.out_dir, folder, int(cfg.shards.shard_size),
+                                class_map=cfg.data.get("class_map"), progress=bool(cfg.progress))
+        runtime.log.info("wrote %d samples in %d shards to %s (%d files skipped, listed in manifest.json)",
+                         manifest["total"], len(manifest["shards"]), cfg.shards.out_dir, len(manifest["skipped"]))
+        print(f"Read them with:\n  data=webdataset 'data.{split}_urls=\"{manifest['url_pattern']}\"' "
+              f"data.num_classes={manifest['num_classes']} data.resolution={cfg.data.resolution}")
+        runtime.mark_done()
     return manifest

@@ -170,26 +170,25 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     samples = Path(settings.samples)
     if not samples.exists():
         raise DataError(f"evaluate.samples={samples} does not exist")
-    runtime = setup(cfg, run_dir=run_dir)
-    not_computed: dict[str, str] = {}
-    reference = _resolve_reference(cfg, runtime.device, not_computed)
-    result, features = evaluate_samples(
-        samples, reference["mu"], reference["sigma"], runtime.device, batch_size=settings.batch_size,
-        spatial_ref=(reference["mu_s"], reference["sigma_s"]) if settings.sfid and "mu_s" in reference else None,
-        reference_features=reference.get("features") if settings.precision_recall else None,
-        bootstrap=settings.bootstrap, seed=settings.subset_seed, progress=cfg.progress)
-    result["not_computed"].update(not_computed)
-    if settings.reference is not None:
-        described = {"reference": str(settings.reference), "reference_path": str(settings.reference)}
-    else:
-        described = {"reference": f"data.{cfg.data.get('kind')} {reference['subset']['split']} split, "
-                                  f"{reference['subset']['images']} images ({reference['subset']['selection']})",
-                     "reference_subset": reference["subset"], "reference_path": reference["path"]}
-    result = {"samples": str(samples), **described, **result}
-    np.save(runtime.run_dir / SAMPLE_FEATURES, features.numpy().astype(np.float32))
-    (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
-    runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
-    print(json.dumps(result), flush=True)
-    runtime.mark_done()
-    runtime.close()
+    with setup(cfg, run_dir=run_dir) as runtime:
+        not_computed: dict[str, str] = {}
+        reference = _resolve_reference(cfg, runtime.device, not_computed)
+        result, features = evaluate_samples(
+            samples, reference["mu"], reference["sigma"], runtime.device, batch_size=settings.batch_size,
+            spatial_ref=(reference["mu_s"], reference["sigma_s"]) if settings.sfid and "mu_s" in reference else None,
+            reference_features=reference.get("features") if settings.precision_recall else None,
+            bootstrap=settings.bootstrap, seed=settings.subset_seed, progress=cfg.progress)
+        result["not_computed"].update(not_computed)
+        if settings.reference is not None:
+            described = {"reference": str(settings.reference), "reference_path": str(settings.reference)}
+        else:
+            described = {"reference": f"data.{cfg.data.get('kind')} {reference['subset']['split']} split, "
+                                      f"{reference['subset']['images']} images ({reference['subset']['selection']})",
+                         "reference_subset": reference["subset"], "reference_path": reference["path"]}
+        result = {"samples": str(samples), **described, **result}
+        np.save(runtime.run_dir / SAMPLE_FEATURES, features.numpy().astype(np.float32))
+        (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
+        runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
+        print(json.dumps(result), flush=True)
+        runtime.mark_done()
     return result
