@@ -83,11 +83,13 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
-        # β̃ is 0 at the first step; its log is clipped to the value at the second step.
-        self.posterior_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # β̃ is 0 at the first step; its log is clipped to the value at the second step. A chain respaced to one step
+        # has no second step, and its only step adds no noise, so β stands in (any finite value gives the same sample).
+        first = self.posterior_variance[1:2] if self.num_timesteps > 1 else self.betas[:1]
+        self.posterior_log_variance = torch.log(torch.cat([first, self.posterior_variance[1:]]))
         self.posterior_mean_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_xt = (1 - self.alphas_cumprod_prev) * (1 - self.betas).sqrt() / (1 - self.alphas_cumprod)
-        self.fixed_log_variance = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+        self.fixed_log_variance = torch.log(torch.cat([first, self.betas[1:]]))
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, learn_sigma: bool = True) -> GaussianDiffusion:
