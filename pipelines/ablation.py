@@ -90,27 +90,23 @@ def row_of(rung: dict, cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
             "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe))}}
 
 
+def paired_change(after: dict, before: dict, resamples: int, seed: int) -> dict:
+    """The change from `before` to `after` in rFID and PSNR, paired on the same images, and the verdict on the
+    paper's direction (lower rFID)."""
+    measured = compare(after, before, ["rfid", "psnr"], resamples, seed)
+    return {"from": before["slug"], "to": after["slug"], "rfid": measured["rfid"], "psnr": measured["psnr"],
+            "verdict": verdict(measured["rfid"]["ci95"], "lower")}
+
+
 def steps_down(rows: list[dict], resamples: int, seed: int) -> list[dict]:
-    """Each rung against the one before it: the paired change in rFID and PSNR on the same images, and the verdict
-    on the paper's direction (every ingredient lowers rFID)."""
-    changes = []
-    for before, after in zip(rows, rows[1:]):
-        measured = compare(after, before, ["rfid", "psnr"], resamples, seed)
-        changes.append({"from": before["slug"], "to": after["slug"], **{k: measured[k] for k in ("rfid", "psnr")},
-                        "verdict": verdict(measured["rfid"]["ci95"], "lower")})
-    return changes
+    """Each rung against the one before it: every ingredient lowers rFID, says the paper."""
+    return [paired_change(after, before, resamples, seed) for before, after in zip(rows, rows[1:])]
 
 
 def against_baselines(rows: list[dict], baselines: list[dict], resamples: int, seed: int) -> list[dict]:
     """The top of the ladder (the paper's full ε-VAE) against each baseline on the same images: the paper's claim
     is that it reconstructs better than the matched VAE (rFID 6.24 against 11.15)."""
-    top = rows[-1]
-    changes = []
-    for baseline in baselines:
-        measured = compare(top, baseline, ["rfid", "psnr"], resamples, seed)
-        changes.append({"from": baseline["slug"], "to": top["slug"], **{k: measured[k] for k in ("rfid", "psnr")},
-                        "verdict": verdict(measured["rfid"]["ci95"], "lower")})
-    return changes
+    return [paired_change(rows[-1], baseline, resamples, seed) for baseline in baselines]
 
 
 def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], versus: list[dict],
@@ -190,8 +186,8 @@ def main(argv: list[str]) -> None:
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "budget": f"{cfg.tokenizer.train.steps} steps × {cfg.tokenizer.train.batch_size} images at "
                       f"{cfg.data.resolution} px"}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "changes": changes,
-                                                  "baselines": baselines, "against_baselines": versus}, indent=2) + "\n")
+    results = {"meta": meta, "rows": rows, "changes": changes, "baselines": baselines, "against_baselines": versus}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(render_table(rows, changes, baselines, versus, meta))
     plot(rows, baselines, out)
     print((out / "table.md").read_text())

@@ -483,10 +483,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, stem: Path) -> None:
+def write_report(report: dict, stem: Path, render: Callable[[dict], str] = markdown) -> None:
+    """<stem>.json (the report) and <stem>.md (`render` of it)."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
+    stem.with_suffix(".md").write_text(render(report))
 
 
 def bench_settings(cfg: DictConfig) -> DictConfig:

@@ -17,15 +17,13 @@ DiT-XL/2 steps for every cell would take hours on a CPU. FLOPs are counted per i
 from __future__ import annotations
 
 import datetime
-import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.bench import command_line, count_flops, machine, sd_vae_config, timed_call
+from pipelines.bench import command_line, count_flops, machine, sd_vae_config, timed_call, write_report
 from pipelines.configs import ROOT, group_config
 from shared.runtime import Runtime, setup
 from stage1_tokenizer.tokenizer import build_tokenizer
@@ -49,8 +47,10 @@ def flops_per_image(make_call: Callable[[int], Callable[[], object]], runtime: R
         return count_flops(make_call(1))
 
 
-def dit_step(ldm_cfg: DictConfig, latent_size: int, runtime: Runtime) -> Callable[[int], Callable[[], object]]:
-    """batch -> one DiT forward at that batch: a DDPM step without guidance costs one forward."""
+def dit_step(ldm_cfg: DictConfig, latent_size: int,
+             runtime: Runtime) -> tuple[Callable[[int], Callable[[], object]], int]:
+    """(batch -> one DiT forward at that batch, the DiT's parameter count): a DDPM step without guidance costs one
+    forward."""
     model = build_dit(ldm_cfg, LATENT_CHANNELS, latent_size, NUM_CLASSES).to(runtime.device).eval()
 
     def make_call(batch: int) -> Callable[[], object]:
@@ -59,7 +59,7 @@ def dit_step(ldm_cfg: DictConfig, latent_size: int, runtime: Runtime) -> Callabl
         y = torch.randint(0, NUM_CLASSES, (batch,), device=runtime.device)
         return lambda: model(x, t, y)
 
-    return make_call
+    return make_call, sum(p.numel() for p in model.parameters())
 
 
 def decoder_config(decoder: DictConfig, downsample: int) -> dict:
@@ -126,14 +126,14 @@ def ratios(rows: list[dict], settings: DictConfig) -> list[dict]:
 
 
 def measure_parts(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -> dict:
-    """{"dit": {f: {seconds, flops}}, "decoders": {label: {f: {seconds, flops}}}}: seconds per call at the batch,
-    FLOPs per image."""
+    """{"dit": {f: {seconds, flops, params}}, "decoders": {label: {f: {seconds, flops}}}}: seconds per call at the
+    batch, FLOPs per image, the DiT's parameters."""
     batch, warmup, repeats = settings.batch_size, settings.warmup, settings.repeats
     parts = {"dit": {}, "decoders": {decoder.label: {} for decoder in settings.decoders}}
     for f in settings.compressions:
-        make_call = dit_step(ldm_cfg, settings.image_size // f, runtime)
+        make_call, params = dit_step(ldm_cfg, settings.image_size // f, runtime)
         parts["dit"][str(f)] = {"seconds": fastest_seconds(make_call(batch), runtime, warmup, repeats),
-                                "flops": flops_per_image(make_call, runtime)}
+                                "flops": flops_per_image(make_call, runtime), "params": params}
         runtime.log.info("DiT f%d: %.3f s per step at batch %d", f, parts["dit"][str(f)]["seconds"], batch)
         for decoder in settings.decoders:
             make_call = decoder_pass(decoder_config(decoder, f), settings.image_size, runtime)
@@ -182,12 +182,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-
-
 def main(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     with setup(cfg) as runtime:
@@ -196,14 +190,14 @@ def main(cfg: DictConfig) -> dict:
         ldm_cfg = OmegaConf.create(group_config("ldm", settings.ldm))
         parts = measure_parts(settings, runtime, ldm_cfg)
         rows = throughput_table(parts, settings)
-        dit = build_dit(ldm_cfg, LATENT_CHANNELS, settings.image_size // settings.compressions[0], NUM_CLASSES)
         report = {"command": command_line(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "machine": machine(runtime), "settings": OmegaConf.to_container(settings, resolve=True),
-                  "ldm": settings.ldm, "dit_params": sum(p.numel() for p in dit.parameters()), "parts": parts,
+                  "ldm": settings.ldm, "dit_params": parts["dit"][str(settings.compressions[0])]["params"],
+                  "parts": parts,
                   "rows": rows, "ratios": ratios(rows, settings), "seconds": time.perf_counter() - started}
-        write_report(report, runtime.run_dir / "paper_speed")
+        write_report(report, runtime.run_dir / "paper_speed", markdown)
         if settings.out:
-            write_report(report, ROOT / settings.out)
+            write_report(report, ROOT / settings.out, markdown)
         print(markdown(report))
         runtime.mark_done()
     return report

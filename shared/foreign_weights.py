@@ -11,13 +11,14 @@ stage2_ldm/convert.py) map the names.
 from __future__ import annotations
 
 import json
-import pickle
+import re
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
 from shared.errors import ConfigError, DataError
+from shared.train.checkpoint import safe_torch_load
 
 DIFFUSERS_CONFIG = "config.json"
 DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -35,15 +36,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return safetensors.torch.load_file(path)
         except (OSError, safetensors.SafetensorError) as error:
             raise DataError(f"{path} is not a readable .safetensors file ({error})") from error
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path} holds Python objects beyond tensors, which a safe load refuses, so nothing in it "
-                        f"was run: load it with the code that wrote it and save its state dict alone "
-                        f"(torch.save(model.state_dict(), ...))") from None
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise DataError(f"{path} cannot be read as torch weights ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    loaded = safe_torch_load(path, str(path), "load it with the code that wrote it and save its state dict alone "
+                             "(torch.save(model.state_dict(), ...))")
     for key in ("ema", "model", "state_dict"):  # training checkpoints: the weights, EMA first (DiT's convention)
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
             loaded = loaded[key]
@@ -112,3 +106,14 @@ def save_diffusers_folder(config: dict, state_dict: dict[str, torch.Tensor], out
     model.load_state_dict(state_dict, strict=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     return model.eval()
+
+
+def renamed(name: str, rules) -> str | tuple[str, ...]:
+    """The counterpart of parameter `name` under the first rule (pattern, replacement) whose pattern matches it
+    whole: one name for a string replacement, several (a tensor split or stacked along dim 0) for a tuple."""
+    for pattern, replacement in rules:
+        if re.fullmatch(pattern, name):
+            if isinstance(replacement, str):
+                return re.sub(pattern, replacement, name)
+            return tuple(re.sub(pattern, target, name) for target in replacement)
+    raise ValueError(f"no counterpart for {name}")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from shared.errors import ConfigError, DataError
-from shared.foreign_weights import is_diffusers_model, read_diffusers_model
+from shared.foreign_weights import is_diffusers_model, read_diffusers_model, renamed
 from shared.train.checkpoint import load_model_state
 from stage1_tokenizer.blocks import AttentionBlock, Downsample, group_norm
 from stage1_tokenizer.tokenizer import build_tokenizer
@@ -64,10 +64,7 @@ RENAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def diffusers_names(name: str) -> tuple[str, ...]:
     """The AutoencoderKL parameter name(s) of our VAE parameter `name`."""
-    for pattern, replacements in RENAMES:
-        if re.fullmatch(pattern, name):
-            return tuple(re.sub(pattern, replacement, name) for replacement in replacements)
-    raise ValueError(f"no AutoencoderKL name for {name}")
+    return renamed(name, RENAMES)
 
 
 def modern_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import re
 import torch
 
 from shared.errors import ConfigError, DataError
+from shared.foreign_weights import renamed
 from shared.dit_blocks import sincos_2d
 from stage2_ldm.dit import DiT
 
@@ -73,15 +74,6 @@ DIFFUSERS_RENAMES: tuple[tuple[str, tuple[str, ...]], ...] = (
     (r"final_layer\.modulation\.1\.(\w+)", (r"proj_out_1.\1",)),
     (r"final_layer\.linear\.(\w+)", (r"proj_out_2.\1",)),
 )
-
-
-def renamed(name: str, renames) -> str | tuple[str, ...]:
-    for pattern, replacement in renames:
-        if re.fullmatch(pattern, name):
-            if isinstance(replacement, str):
-                return re.sub(pattern, replacement, name)
-            return tuple(re.sub(pattern, target, name) for target in replacement)
-    raise ValueError(f"no counterpart for {name}")
 
 
 def column_first_positions(grid_size: int, hidden_size: int) -> torch.Tensor:

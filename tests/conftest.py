@@ -18,6 +18,15 @@ def imagenette() -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """In-process runs on one thread, as the stages run in CI: several threads on 2 shared cores only contend."""
+    from tests.helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
 def data_log():
     """Records of the data logger (it may not propagate to the root logger once a run has set up logging)."""
     records: list[logging.LogRecord] = []

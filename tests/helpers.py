@@ -1,16 +1,31 @@
 """Small pieces several test files use."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from omegaconf import DictConfig, open_dict
 
 from pipelines.configs import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside the block, restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load_config(overrides: list[str], output_root: Path | None = None) -> DictConfig:
@@ -30,5 +45,6 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bo
     result = subprocess.run([sys.executable, str(REPO / "pipelines" / script), *args], cwd=cwd or REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
     return result

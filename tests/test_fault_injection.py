@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from shared.train.checkpoint import CheckpointDir, load_checkpoint
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, torch_threads
 
 pytestmark = pytest.mark.slow
 
@@ -187,22 +187,25 @@ def reference_cache(tokenizer_runs, tmp_path_factory):
     reference, _, _ = tokenizer_runs
     cache_dir = tmp_path_factory.mktemp("cache") / "reference"
     cfg = load_config([*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         cache_main(cfg)
-    finally:
-        torch.set_num_threads(threads)
     return cache_dir
 
 
-def test_cache_killed_during_a_shard_write_completes_to_the_same_cache(tokenizer_runs, reference_cache, tmp_path):
+def cache_run_in_a_shard(tokenizer_runs, tmp_path, log_name: str):
+    """(process, its arguments, the cache folder) of a stage=cache run that is writing a shard right now."""
     reference, _, _ = tokenizer_runs
     cache_dir = tmp_path / "cache"
     args = [*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"]
-    process = start(args, tmp_path / "killed.log")
+    process = start(args, tmp_path / log_name)
     split_dir = cache_dir / "train"
     wait_until(process, lambda: split_dir.is_dir() and any(".tmp" in p.name for p in split_dir.iterdir()))
+    return process, args, cache_dir
+
+
+def test_cache_killed_during_a_shard_write_completes_to_the_same_cache(tokenizer_runs, reference_cache, tmp_path):
+    process, args, cache_dir = cache_run_in_a_shard(tokenizer_runs, tmp_path, "killed.log")
+    split_dir = cache_dir / "train"
     process.kill()
     process.wait(timeout=60)
     assert not (split_dir / "manifest.json").exists()
@@ -214,12 +217,8 @@ def test_cache_killed_during_a_shard_write_completes_to_the_same_cache(tokenizer
 @pytest.mark.parametrize("fault", ["SIGTERM", "SIGINT"])
 def test_cache_preempted_stops_after_its_shard_and_completes_to_the_same_cache(tokenizer_runs, reference_cache,
                                                                              tmp_path, fault):
-    reference, _, _ = tokenizer_runs
-    cache_dir = tmp_path / "cache"
-    args = [*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"]
-    process = start(args, tmp_path / "preempted.log")
+    process, args, cache_dir = cache_run_in_a_shard(tokenizer_runs, tmp_path, "preempted.log")
     split_dir = cache_dir / "train"
-    wait_until(process, lambda: split_dir.is_dir() and any(".tmp" in p.name for p in split_dir.iterdir()))
     process.send_signal(getattr(signal, fault))
     process.wait(timeout=60)
     output = (tmp_path / "preempted.log").read_text()
@@ -242,12 +241,8 @@ def test_cache_rerun_rewrites_a_truncated_shard(tokenizer_runs, reference_cache,
     shutil.copytree(reference_cache, cache_dir)
     mean = cache_dir / "train" / "shard_000001" / "mean.npy"
     mean.write_bytes(mean.read_bytes()[: mean.stat().st_size // 2])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the reference cache was made
-    try:
+    with torch_threads(1):  # as the reference cache was made
         cache_main(load_config([*CACHE, f"tokenizer.checkpoint={reference}", f"cache.dir={cache_dir}"]))
-    finally:
-        torch.set_num_threads(threads)
     assert cache_files(cache_dir) == cache_files(reference_cache)
 
 

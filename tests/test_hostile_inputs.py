@@ -44,12 +44,7 @@ TINY_TOKENIZER = ["stage=tokenizer", "tokenizer=epsvae_tiny", "data.resolution=3
                   "tokenizer.train.sample_every=0", "reconstruct.grid_images=4"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, kind: str, *fragments: str) -> str:

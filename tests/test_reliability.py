@@ -39,13 +39,7 @@ def folder_data(root: Path, *overrides: str) -> tuple[str, ...]:
     return ("data=imagefolder", f"data.root={root}", "data.resolution=32", "data.num_workers=0", *overrides)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process runs on one thread, as the stages run in CI: several threads on 2 shared cores only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

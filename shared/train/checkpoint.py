@@ -113,6 +113,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def safe_torch_load(path: Path, label: str, refused_advice: str, *, allowed_globals=(), map_location="cpu",
+                    mmap: bool = False) -> object:
+    """torch.load(weights_only=True) of a file from anywhere, also allowing `allowed_globals`: a pickle that would
+    call anything else is one DataError naming it (`label` holds ...: `refused_advice`) with nothing in it run, and
+    a truncated or foreign file is one DataError too."""
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:  # what weights_only raises for anything but tensors and plain values
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors and plain values"
+        raise DataError(f"{label} holds {what}, which a safe load refuses, so nothing in it was run: "
+                        f"{refused_advice}") from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise DataError(f"{label} cannot be read ({type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
+
+
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """A checkpoint dict from a file, a weights folder or a run folder (its newest checkpoint), read without running
     any code.
@@ -122,18 +140,9 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     path = resolve_checkpoint(path)
     if path.is_dir():
         return load_weights_folder(path)
-    try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:  # what weights_only raises for anything but tensors and plain values
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = f"a reference to {found.group(1)}" if found else "Python objects beyond tensors and plain values"
-        raise DataError(f"checkpoint {path} holds {what}, which a safe load refuses, so nothing in it was run: it "
-                        f"was not written by this toolkit. Train with this toolkit, or load the weights with "
-                        f"the code that wrote them and save them as tensors") from None
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise DataError(f"checkpoint {path} cannot be read ({type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''})") from error
+    checkpoint = safe_torch_load(path, f"checkpoint {path}", "it was not written by this toolkit. Train with this "
+                                 "toolkit, or load the weights with the code that wrote them and save them as tensors",
+                                 allowed_globals=NUMPY_ARRAY_GLOBALS, map_location=map_location, mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not this toolkit's checkpoint dict")
     return checkpoint
