@@ -28,8 +28,8 @@ from shared.errors import ConfigError, DataError
 from shared.dit_blocks import NORM_EPS
 from shared.foreign_weights import DIFFUSERS_CONFIG, read_diffusers_model, read_state_dict, save_diffusers_folder
 from shared.runtime import setup
-from shared.train.checkpoint import (CheckpointDir, atomic_save, load_checkpoint, load_model_state,
-                                     resolve_checkpoint, save_weights_folder)
+from shared.train.checkpoint import (CheckpointDir, atomic_save, load_model_state, load_weights, resolve_checkpoint,
+                                     save_weights_folder)
 from stage1_tokenizer.convert import AUTOENCODER_CLASS, autoencoder_from_vae, vae_from_autoencoder
 from stage1_tokenizer.tokenizer import build_tokenizer
 from stage2_ldm.convert import diffusers_from_dit, dit_from_diffusers, dit_from_official, official_from_dit
@@ -84,7 +84,7 @@ def dit_model_config(cfg: DictConfig, architecture: dict) -> dict:
         raise ConfigError("a DiT models the latents of one tokenizer: set tokenizer.checkpoint=<that tokenizer, "
                           "e.g. the stage=import output of its SD-VAE>")
     tokenizer_path = resolve_checkpoint(cfg.tokenizer.checkpoint)
-    tokenizer_config = load_checkpoint(tokenizer_path, mmap=True).get("config", {})
+    tokenizer_config = load_weights(tokenizer_path, mmap=True).get("config", {})
     if "latent_scale" not in tokenizer_config:
         raise DataError(f"tokenizer {tokenizer_path} records no latent_scale (the scale a DiT trained elsewhere saw "
                         f"its latents at): give the stage=import output of the VAE the DiT was trained with")
@@ -173,7 +173,7 @@ def export_weights(cfg: DictConfig) -> None:
         raise ConfigError("export.source is null: give a run folder, checkpoint or weights folder of this project")
     if settings.format not in EXPORT_FORMATS:
         raise ConfigError(f"export.format={settings.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    checkpoint = load_checkpoint(settings.source, mmap=True)
+    checkpoint = load_weights(settings.source, mmap=True)
     network = next((name for name in ("tokenizer", "dit") if name in checkpoint.get("models", {})), None)
     if network is None:
         raise DataError(f"export.source={settings.source} holds neither a tokenizer nor a DiT")

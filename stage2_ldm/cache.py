@@ -26,7 +26,7 @@ from tqdm import tqdm
 from shared.data.latents import DTYPES, read_shard_info, shard_damage, shard_name, write_manifest, write_shard
 from shared.errors import ConfigError, DataError
 from shared.preemption import Preempted, PreemptionFlag, leave_signals_to_the_main_process
-from shared.train.checkpoint import load_checkpoint, resolve_checkpoint
+from shared.train.checkpoint import load_weights, resolve_checkpoint
 
 log = logging.getLogger("epsvae")
 
@@ -39,10 +39,11 @@ FINGERPRINT_ELEMENTS = 1024
 
 def tokenizer_fingerprint(checkpoint_path: str | Path, use_ema: bool = True) -> str:
     """sha256 of a tokenizer checkpoint's config, step, weight set (EMA or not) and the leading elements of each
-    weight tensor of its "tokenizer" network. Cheap: the checkpoint is memory-mapped and only those prefixes are
-    read. checkpoint_path: a checkpoint file or a run folder (its newest checkpoint), as load_tokenizer takes."""
+    weight tensor of its "tokenizer" network: the weights alone, so the same in either checkpoint layout. Cheap: the
+    weights are memory-mapped and only those prefixes are read. checkpoint_path: a checkpoint file or a run folder
+    (its newest checkpoint), as load_tokenizer takes."""
     path = resolve_checkpoint(checkpoint_path)
-    checkpoint = load_checkpoint(path, mmap=True)
+    checkpoint = load_weights(path, mmap=True)
     weight_set = "ema" if use_ema and "tokenizer" in checkpoint.get("ema", {}) else "models"
     state = checkpoint.get(weight_set, {}).get("tokenizer")
     if state is None or "config" not in checkpoint or "step" not in checkpoint:

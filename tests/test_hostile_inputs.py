@@ -111,6 +111,23 @@ def test_a_deepspeed_shard_that_runs_code_is_refused_before_deepspeed_opens_it(t
     assert not marker.exists()
 
 
+def test_a_training_state_that_runs_code_is_refused_and_inference_never_reads_it(tmp_path):
+    from shared.train.checkpoint import load_model_state
+
+    marker = tmp_path / "code-ran"
+    weights = torch.nn.Linear(2, 2).state_dict()
+    checkpoints = CheckpointDir(tmp_path / "checkpoints")
+    path = checkpoints.save({"step": 1, "config": {}, "models": {"net": weights}}, 1)
+    malicious_checkpoint(path, marker)  # the .pt replaced, its weights and header left beside it
+    with pytest.raises(DataError, match=r"holds a reference to posix.system"):
+        load_checkpoint(path)
+    with pytest.raises(DataError, match=r"none of the 1 checkpoints .* holds a reference to posix.system"):
+        checkpoints.load_latest()
+    state_dict, _ = load_model_state(path, "net", use_ema=False)  # the safetensors and JSON only
+    assert all(torch.equal(state_dict[name], tensor) for name, tensor in weights.items())
+    assert not marker.exists()
+
+
 @pytest.mark.slow
 def test_a_checkpoint_that_runs_code_is_one_line_at_the_command_line(tmp_path):
     marker = tmp_path / "code-ran"
@@ -343,7 +360,9 @@ def test_a_full_disk_inside_torch_save_is_one_error_and_leaves_no_temporary(tmp_
                                         r"the previous checkpoint .* is kept"):
         checkpoints.save({"step": 2, "weights": torch.zeros(10)}, 2)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt"]
+    # Step 2's weights, written before its training state failed, went with it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_000000001{suffix}" for suffix in
+                                                         (".json", ".pt", ".safetensors")]
     assert checkpoints.load_latest()["step"] == 1
 
 

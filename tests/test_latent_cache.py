@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from shared.data.images import build_image_dataset
 from shared.data.latents import LatentCache, LatentStats, make_latent_loader
 from shared.errors import ConfigError, DataError
+from shared.train.checkpoint import CheckpointDir
 from stage2_ldm.cache import cache_latents, tokenizer_fingerprint
 
 DATA = {"kind": "synthetic", "resolution": 16, "num_classes": 5, "train_size": 22, "val_size": 8, "seed": 0,
@@ -290,3 +291,17 @@ def test_tokenizer_fingerprint_tells_checkpoints_apart(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="broken.pt"):
         tokenizer_fingerprint(tmp_path / "broken.pt")
+
+
+def test_tokenizer_fingerprint_is_the_same_in_either_checkpoint_layout(tmp_path):
+    """It identifies the weights: the single file written before the weights moved out and today's layout agree."""
+    torch.manual_seed(0)
+    weights = {"tokenizer": torch.nn.Linear(4, 4).state_dict()}
+    state = {"step": 10, "config": {"kind": "epsvae"}, "models": weights,
+             "ema": {"tokenizer": {name: tensor + 1 for name, tensor in weights["tokenizer"].items()}}}
+    torch.save(state, tmp_path / "old.pt")
+    new = CheckpointDir(tmp_path / "checkpoints").save(state, 10)
+    for use_ema in (True, False):
+        expected = tokenizer_fingerprint(tmp_path / "old.pt", use_ema=use_ema)
+        assert tokenizer_fingerprint(new, use_ema=use_ema) == expected
+        assert tokenizer_fingerprint(new.with_suffix(".safetensors"), use_ema=use_ema) == expected

@@ -260,12 +260,15 @@ def test_failed_checkpoint_write_is_an_error_and_keeps_the_last_good_one(tmp_pat
     checkpoints = CheckpointDir(tmp_path, keep=1)
     checkpoints.save({"step": 1, "weights": torch.ones(1000)}, 1)
     fault(monkeypatch)
-    with pytest.raises(DataError, match=r"could not write checkpoint .*step_000000002.pt: No space left on device; "
-                                        r"the previous checkpoint .* is kept"):
+    # The write that fails names its file: the training state (torch.save), or the weights (the first rename).
+    with pytest.raises(DataError, match=r"could not write checkpoint .*step_000000002\.(pt|safetensors): No space left "
+                                        r"on device; the previous checkpoint .* is kept"):
         checkpoints.save({"step": 2, "weights": torch.zeros(1000)}, 2)
     monkeypatch.undo()
     assert checkpoints.steps() == [1] and checkpoints.load_latest()["step"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000001.pt"]  # no temporary file left
+    # No temporary file left, nor step 2's weights.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step_000000001{suffix}" for suffix in
+                                                         (".json", ".pt", ".safetensors")]
 
 
 def test_channels_last_training_computes_what_contiguous_training_does(tmp_path):

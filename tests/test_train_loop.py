@@ -4,13 +4,14 @@ import os
 import signal
 
 import pytest
+import safetensors.torch
 import torch
 from torch import nn
 
 from shared import runtime as runtime_lib
 from shared.data.sampler import ResumableBatchSampler
 from shared.errors import ConfigError
-from shared.train.checkpoint import CheckpointDir
+from shared.train.checkpoint import CheckpointDir, load_checkpoint
 from shared.preemption import Preempted
 from shared.train.backends import OptimConfig
 from shared.train.loop import LoopConfig, NonFiniteError, TrainModule, train
@@ -94,6 +95,34 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     assert result.step == 12
     assert losses_by_step(resumed_runtime.run_dir) == pytest.approx(losses_by_step(full_runtime.run_dir), abs=0)
     for a, b in zip(full_module.parameters(), resumed_module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoints_keep_the_weights_apart_from_the_training_state(tmp_path):
+    runtime, module, _ = run(tmp_path, "layout", steps=4)
+    path = CheckpointDir(runtime.run_dir / "checkpoints").path(4)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.with_suffix(s).name for s in (".json", ".pt",
+                                                                                                ".safetensors")]
+    parameters = set(module.net.state_dict())
+    assert set(safetensors.torch.load_file(path.with_suffix(".safetensors"))) == {
+        f"{group}.net.{name}" for group in ("models", "ema") for name in parameters}
+    assert json.loads(path.with_suffix(".json").read_text()) == {"step": 4, "config": {"width": 8}}
+    assert set(torch.load(path, weights_only=True)) == {"step", "counters", "rng", "backend"}
+
+
+def test_a_single_file_checkpoint_written_before_the_weights_moved_out_resumes(tmp_path):
+    full_runtime, full_module, _ = run(tmp_path, "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "old", make_batches=lambda s: batches_from(s, fail_at=6))
+    checkpoints = CheckpointDir(tmp_path / "ldm" / "old" / "checkpoints")
+    state = load_checkpoint(checkpoints.path(4))
+    for file in checkpoints.directory.iterdir():
+        file.unlink()
+    torch.save(state, checkpoints.path(4))  # the old layout: weights, EMA and training state in one file
+    old_runtime, old_module, result = run(tmp_path, "old")
+    assert result.step == 12
+    assert losses_by_step(old_runtime.run_dir) == pytest.approx(losses_by_step(full_runtime.run_dir), abs=0)
+    for a, b in zip(full_module.parameters(), old_module.parameters()):
         assert torch.equal(a, b)
 
 

@@ -1,17 +1,26 @@
 """Checkpoints that survive a kill at any moment, and that cannot run code when read.
 
-A checkpoint is written to a temporary file in the same folder, fsynced, then renamed over its final name, so a
-reader sees either the previous complete file or the new complete file, never half of one. The previous checkpoint
-is deleted only after the new one is in place. Any failure of the write (a full disk raises RuntimeError from
-torch.save, not OSError) is one DataError, and the temporary file is always removed.
+A checkpoint of step N is three files in `<run>/checkpoints/`, each written to a temporary file in the same folder,
+fsynced, then renamed over its final name, so a reader sees either the previous complete file or the new complete
+file, never half of one:
 
-A checkpoint holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so every read uses
+    step_N.safetensors   the weights: "models.<network>.<parameter>" and "ema.<network>.<parameter>"
+    step_N.json          {"step", "config"}: what inference needs beside the weights
+    step_N.pt            the training state (step, optimisers, schedulers, RNG, counters, ...): tensors and plain values
+
+The .pt is written last, so its presence marks a complete checkpoint; older checkpoints are deleted only after the
+new one is in place. Any failure of the write (a full disk raises RuntimeError from torch.save, not OSError) is one
+DataError, and the temporary file is always removed. Inference reads the weights and the JSON only; resuming
+assembles the three into the dict that was saved. A checkpoint written before the weights moved out is a single
+.pt holding everything (no .safetensors beside it) and is read as before.
+
+The .pt holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so every read uses
 torch.load(weights_only=True): a file someone shared whose pickle would call a function is refused before anything
 in it runs.
 
-A network can also be kept as a weights folder, without training state and without pickle: `model.safetensors` (its
-state dict) and `model.json` ({"network", "step", "config"}). stage=export writes them (pipelines/interop.py);
-every reader here takes one wherever it takes a checkpoint.
+A network can also be kept as a weights folder, without training state: `model.safetensors` (its state dict) and
+`model.json` ({"network", "step", "config"}). stage=export writes them (pipelines/interop.py); every reader here
+takes one wherever it takes a checkpoint.
 """
 from __future__ import annotations
 
@@ -40,6 +49,11 @@ NUMPY_ARRAY_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, n
 
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_CONFIG = "model.json"
+# A checkpoint's {network: state_dict} groups, kept in its .safetensors, and the values kept in its .json (the step
+# stays in the .pt as well, so that the training state names its step).
+WEIGHT_GROUPS = ("models", "ema")
+HEADER_KEYS = ("step", "config")
+WEIGHTS_SUFFIXES = (".safetensors", ".json")  # the files beside a checkpoint's .pt
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -70,15 +84,63 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
         os.close(directory)
 
 
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """`tensors` as a .safetensors file, atomically. safetensors refuses tensors that share memory (tied weights, or
+    a network and its EMA handed over as the same dict), so every tensor after the first on a storage is a copy."""
+    stored, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        storage = tensor.untyped_storage().data_ptr()
+        stored[name] = tensor.clone(memory_format=torch.contiguous_format) if storage in seen else tensor.contiguous()
+        seen.add(storage)
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(stored)))
+
+
+def save_json(path: Path, values: dict) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(values, indent=2).encode() + b"\n"))
+
+
 def save_weights_folder(directory: str | Path, network: str, state_dict: dict, config: dict, step: int = 0) -> Path:
     """A weights folder: `model.safetensors` (state_dict) and `model.json`; returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
-    atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(safetensors.torch.save(tensors)))
-    header = {"network": network, "step": step, "config": config}
-    atomic_write(directory / WEIGHTS_CONFIG, lambda f: f.write(json.dumps(header, indent=2).encode() + b"\n"))
+    save_safetensors(directory / WEIGHTS_FILE, state_dict)
+    save_json(directory / WEIGHTS_CONFIG, {"network": network, "step": step, "config": config})
     return directory
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """`state` as the weights (step_N.safetensors), the header (step_N.json) and, last, the training state (`path`,
+    step_N.pt), so that a .pt is never there without its weights. Network names hold no dot (tensor names split
+    at the first two)."""
+    save_safetensors(path.with_suffix(".safetensors"),
+                     {f"{group}.{network}.{name}": tensor for group in WEIGHT_GROUPS
+                      for network, state_dict in state.get(group, {}).items() for name, tensor in state_dict.items()})
+    save_json(path.with_suffix(".json"), {key: state[key] for key in HEADER_KEYS if key in state})
+    atomic_save({key: value for key, value in state.items() if key not in (*WEIGHT_GROUPS, "config")}, path)
+
+
+def has_weights_file(path: Path) -> bool:
+    """Whether checkpoint `path` keeps its weights in a .safetensors (every checkpoint written since they moved out
+    of the .pt), rather than being a single .pt holding everything."""
+    return path.suffix == ".safetensors" or path.with_suffix(".safetensors").is_file()
+
+
+def load_checkpoint_weights(path: Path, device: str = "cpu") -> dict:
+    """{"step", "config", "models", "ema"} of a checkpoint from its .safetensors and .json; `path` is any of its
+    files. Reads no pickle."""
+    weights, header = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    try:
+        checkpoint = json.loads(header.read_text())
+        if not isinstance(checkpoint, dict):
+            raise ValueError(f"{header.name} is not a JSON object")
+        for key, tensor in safetensors.torch.load_file(weights, device=device).items():
+            group, network, name = key.split(".", 2)
+            checkpoint.setdefault(group, {}).setdefault(network, {})[name] = tensor
+        return checkpoint
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        raise DataError(f"checkpoint {weights} with {header.name} cannot be read ({type(error).__name__}: "
+                        f"{error})") from error
 
 
 def is_weights_folder(path: Path) -> bool:
@@ -97,8 +159,8 @@ def load_weights_folder(directory: Path) -> dict:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, a weights folder, or the newest checkpoint of a run folder (`<run>` or
-    `<run>/checkpoints`)."""
+    """A checkpoint file (its .pt, or its .safetensors for the weights alone), a weights folder, or the newest
+    complete checkpoint (its .pt) of a run folder (`<run>` or `<run>/checkpoints`)."""
     path = Path(path)
     if is_weights_folder(path):
         return path
@@ -132,20 +194,38 @@ def safe_torch_load(path: Path, label: str, refused_advice: str, *, allowed_glob
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint dict from a file, a weights folder or a run folder (its newest checkpoint), read without running
-    any code.
+    """The checkpoint dict that was saved, from a checkpoint file, a weights folder or a run folder (its newest
+    checkpoint), read without running any code: the .pt's training state with the weights and header beside it.
 
-    mmap: map the tensors from the file instead of reading them (cheap when only a few values are needed).
+    mmap: map the tensors of a single-file checkpoint instead of reading them (cheap when only a few values are
+    needed); a .safetensors is mapped anyway.
     """
     path = resolve_checkpoint(path)
     if path.is_dir():
         return load_weights_folder(path)
+    device = str(map_location)  # safetensors takes a device's name
+    if path.suffix == ".safetensors":
+        return load_checkpoint_weights(path, device)  # the weights alone: no training state to add
     checkpoint = safe_torch_load(path, f"checkpoint {path}", "it was not written by this toolkit. Train with this "
                                  "toolkit, or load the weights with the code that wrote them and save them as tensors",
                                  allowed_globals=NUMPY_ARRAY_GLOBALS, map_location=map_location, mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not this toolkit's checkpoint dict")
+    if has_weights_file(path):
+        checkpoint.update(load_checkpoint_weights(path, device))
     return checkpoint
+
+
+def load_weights(path: str | Path, mmap: bool = False) -> dict:
+    """{"step", "config", "models", and "ema" where kept} of a checkpoint file, weights folder or run folder, for
+    inference: the .safetensors and .json alone (the .pt may be gone). A single-file checkpoint written before the
+    weights moved out is read whole."""
+    path = resolve_checkpoint(path)
+    if path.is_dir():
+        return load_weights_folder(path)
+    if has_weights_file(path):
+        return load_checkpoint_weights(path)
+    return load_checkpoint(path, mmap=mmap)
 
 
 def refuse_code_in(directory: Path, allowed: frozenset[str]) -> None:
@@ -182,15 +262,28 @@ class CheckpointDir:
 
     def save(self, state: dict, step: int) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # A writer killed mid-write leaves its temporary file (never read: it has no step_*.pt name); a
-        # checkpoint can be gigabytes, so the next save removes it.
-        for leftover in self.directory.glob(".step_*.pt.*.tmp"):
-            leftover.unlink(missing_ok=True)
+        self.remove_incomplete()
         path = self.path(step)
-        atomic_save(state, path)
+        try:
+            save_checkpoint(state, path)
+        except DataError:
+            self.remove_incomplete()  # the weights written before the training state failed
+            raise
         for old in self.steps()[: -self.keep]:
-            self.path(old).unlink(missing_ok=True)
+            # The .pt first: the checkpoint stops existing before its weights go.
+            for file in (self.path(old), *(self.path(old).with_suffix(suffix) for suffix in WEIGHTS_SUFFIXES)):
+                file.unlink(missing_ok=True)
         return path
+
+    def remove_incomplete(self) -> None:
+        """Remove what a writer killed mid-write leaves: its temporary file, and the weights and header of a step
+        whose .pt never landed. Neither is ever read, and a checkpoint can be gigabytes."""
+        for leftover in self.directory.glob(".step_*.tmp"):
+            leftover.unlink(missing_ok=True)
+        for suffix in WEIGHTS_SUFFIXES:
+            for part in self.directory.glob(f"step_*{suffix}"):
+                if not part.with_suffix(".pt").exists():
+                    part.unlink(missing_ok=True)
 
     def latest(self) -> Path | None:
         return self.path(self.steps()[-1]) if self.steps() else None
@@ -218,8 +311,9 @@ def load_model_state(path: str | Path, name: str, use_ema: bool = True) -> tuple
 
     The EMA weights are returned when present and asked for.
     """
-    checkpoint = load_checkpoint(path)
-    source = checkpoint.get("ema", {}) if use_ema and name in checkpoint.get("ema", {}) else checkpoint["models"]
+    checkpoint = load_weights(path)
+    models = checkpoint.get("models", {})
+    source = checkpoint["ema"] if use_ema and name in checkpoint.get("ema", {}) else models
     if name not in source:
-        raise DataError(f"checkpoint {path} has no network {name!r} (it has {sorted(checkpoint['models'])})")
+        raise DataError(f"checkpoint {path} has no network {name!r} (it has {sorted(models)})")
     return source[name], checkpoint.get("config", {})
