@@ -23,7 +23,9 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.bench import command_line, count_flops, machine, sd_vae_config, timed_call, write_report
+from pipelines.bench.report import command_line, machine, write_report
+from pipelines.bench.sd_vae import sd_vae_config
+from pipelines.bench.timing import count_flops, timed_call
 from pipelines.configs import ROOT, group_config
 from shared.runtime import Runtime, setup
 from stage1_tokenizer.tokenizer import build_tokenizer

@@ -1,6 +1,8 @@
 """Throughput of the image loaders: an image folder against webdataset shards of the same images.
 
-    python benchmarks/data_loader.py [--root ../shared/data/imagenette2-224] [--batches 30] [--warmup 5]
+    python pipelines/bench/data_loader.py [--root ../shared/data/imagenette2-224] [--batches 30] [--warmup 5]
+
+(or `python -m pipelines.bench.data_loader ...`).
 
 Shards are written from the folder's train split into a temporary folder first. Each measurement is a training
 loader (shuffle, random flips, ADM crop) with `--workers` workers: `--warmup` batches (worker start-up, first
@@ -21,30 +23,22 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from pipelines.bench.settings import IMAGENETTE  # noqa: E402
+from pipelines.bench.timing import loader_items_per_second  # noqa: E402
 from shared.data import make_image_loader  # noqa: E402
 from shared.data.shards import write_shards  # noqa: E402
-from shared.machine import cpu_model  # noqa: E402
-
-
-def images_per_second(loader, warmup: int, batches: int) -> float:
-    iterator = iter(loader)
-    for _ in range(warmup):
-        next(iterator)
-    start, images = time.perf_counter(), 0
-    for _ in range(batches):
-        images += len(next(iterator)["image"])
-    return images / (time.perf_counter() - start)
+from shared.machine import describe  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=ROOT.parent / "shared" / "data" / "imagenette2-224")
+    parser.add_argument("--root", type=Path, default=IMAGENETTE)
     parser.add_argument("--split", default="train")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--batch-size", type=int, default=64)
@@ -72,7 +66,7 @@ def main() -> None:
                     data_cfg = {**source, "resolution": resolution, "random_flip": True}
                     loader = make_image_loader(data_cfg, "train", args.batch_size, train=True,
                                                num_workers=args.workers)
-                    rate = images_per_second(loader, args.warmup, args.batches)
+                    rate = loader_items_per_second(loader, "image", args.warmup, batches=args.batches)
                     del loader  # stops its persistent workers before the next measurement
                     rates.setdefault((resolution, name), []).append(rate)
                     print(f"run {repeat + 1}: {resolution:>4} px  {name:<12} {rate:8.0f} images/s", flush=True)
@@ -83,6 +77,7 @@ def main() -> None:
         table.append(f"| {resolution} px | {name} | {median:.0f} | {min(runs):.0f}–{max(runs):.0f} | "
                      f"{1000 * args.batch_size / median:.0f} |")
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    machine = describe(torch.device("cpu"))
     report = "\n".join([
         "# Image loader throughput: image folder vs webdataset shards",
         "",
@@ -93,9 +88,9 @@ def main() -> None:
         f"- Loader: training mode (shuffle, random flip, ADM centre crop to the resolution), batch "
         f"{args.batch_size}, {args.workers} workers; {args.warmup} warm-up batches discarded, {args.batches} "
         f"batches timed; {args.repeats} interleaved repeats.",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end; "
-        f"{platform.platform()}.",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}.",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores, load average {machine['load_average_1min']:.1f} at "
+        f"the end; {platform.platform()}.",
+        f"- Versions: Python {machine['python']}, torch {machine['torch']}.",
         f"- Date: {datetime.datetime.now().isoformat(timespec='minutes')}.",
         "",
         *table,
