@@ -1,10 +1,11 @@
-"""The project's Hydra configs: where they are, the resolvers they use, and composing one outside `@hydra.main`
-(reproduce, ablation, bench and the tests see exactly what `pipelines/run.py` sees)."""
+"""The project's Hydra configs: where they are, the resolvers they use, and composing one from overrides, inside
+`@hydra.main` or outside it (reproduce, ablation, bench and the tests see exactly what `pipelines/run.py` sees)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,8 @@ def register_resolvers() -> None:
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config of `pipelines/run.py OVERRIDES`."""
     register_resolvers()
+    if GlobalHydra.instance().is_initialized():  # inside pipelines/run.py (stage=reproduce): its configs are ours
+        return compose(config_name="config", overrides=overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)
 

@@ -199,5 +199,4 @@ def main(cfg: DictConfig) -> dict:
         if settings.out:
             write_report(report, ROOT / settings.out, markdown)
         print(markdown(report))
-        runtime.mark_done()
-    return report
+        return runtime.finish(report)
