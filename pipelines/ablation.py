@@ -1,17 +1,18 @@
-"""The paper's ablation ladder (Table 5) at small scale: which of ε-VAE's ingredients matter.
+"""stage=ablation: the paper's ablation ladder (Table 5) at small scale: which of ε-VAE's ingredients matter.
 
-    python pipelines/ablation.py preset=ladder32      # Imagenette 32 px on this machine's CPU
+    python pipelines/run.py stage=ablation reproduce=ladder32      # Imagenette 32 px on this machine's CPU
 
-Each rung of `configs/reproduce/<preset>.yaml` adds one ingredient to the rung before it (its `changes` are Hydra
-overrides applied on top of all earlier rungs' changes; a rung may switch the base `tokenizer`). Every rung trains
-a tokenizer at the same budget (the preset's `common` overrides) and measures rFID and PSNR at the rung's decoder
-NFE on the same class-stratified validation subset. A `decode_only` rung changes only how the previous rung's
-tokenizer decodes (the sampling grid), so it reuses that tokenizer instead of training an identical one. `baseline`
-rows (the matched VAE) are trained and measured beside the ladder.
+Each rung of the preset configs/reproduce/<PRESET>.yaml adds one ingredient to the rung before it (its `changes`
+are Hydra overrides applied on top of all earlier rungs' changes; a rung may switch the base `tokenizer`). Every
+rung trains a tokenizer at the same budget (the preset's `common` settings) and measures rFID and PSNR at the rung's
+decoder NFE on the same class-stratified validation subset. A `decode_only` rung changes only how the previous
+rung's tokenizer decodes (the sampling grid), so it reuses that tokenizer instead of training an identical one.
+`baseline` rows (the matched VAE) are trained and measured beside the ladder.
 
-Writes results/<preset>/: table.md (each rung with its interval and the paired change from the rung before, with the
-verdict of shared.metrics.intervals on the paper's direction: lower rFID), results.json and rfid_ladder.png.
-Everything resumes: rerun the same command.
+Writes results/<PRESET>/ (or reproduce.out): table.md (each rung with its interval and the paired change from the
+rung before, with the verdict of shared.metrics.intervals on the paper's direction: lower rFID), results.json and
+rfid_ladder.png. Everything resumes: rerun the same command. `python pipelines/ablation.py preset=NAME ...`, the
+command of earlier versions, runs the same.
 """
 from __future__ import annotations
 
@@ -21,22 +22,27 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the older command line, from a bare checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
-    compare, machine, merge_overrides, parse_arguments, run_config)
-from shared.errors import UserError, one_line  # noqa: E402
+    chosen_preset, compare, machine, results_folder, run_config, run_legacy_command, selected_rows)
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
+
+
+def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
+    """`base` Hydra overrides with those whose key appears in `changes` replaced, then the new ones appended."""
+    changed = {override.split("=", 1)[0] for override in changes}
+    return [override for override in base if override.split("=", 1)[0] not in changed] + changes
 
 
 def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict, object]]:
@@ -51,34 +57,34 @@ def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict,
     return configs
 
 
+def reconstruct_on_grid(cfg: DictConfig, checkpoint: str, run_dir: Path) -> dict:
+    """A reconstruct stage with the tokenizer at `checkpoint` decoding on cfg's sampling grid instead of its own."""
+    from shared import runtime as runtime_lib
+    from stage1_tokenizer.reconstruct import per_image_path, reconstruct_split
+    from stage1_tokenizer.tokenizer import load_tokenizer
+
+    with runtime_lib.setup(cfg, run_dir=run_dir) as runtime:
+        tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
+        tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
+        torch.manual_seed(cfg.seed)
+        metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
+                                    nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
+                                    autocast=runtime.autocast, lpips_net=cfg.lpips_net,
+                                    subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
+                                    grid_path=run_dir / f"reconstructions_nfe{cfg.decode.nfe}.png",
+                                    per_image_file=per_image_path(run_dir, cfg.decode.nfe))
+        return runtime.finish({**metrics, "checkpoint": checkpoint, "grid": tokenizer.grid})
+
+
 def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
     """Train (or, decode_only, reuse the tokenizer of `trained`, the last trained rung) and reconstruct: the
     reconstruction metrics and the rung's pipeline folder."""
-    from stage1_tokenizer.reconstruct import per_image_path, reconstruct_split
-    from stage1_tokenizer.tokenizer import load_tokenizer
-    from shared import runtime as runtime_lib
-
     pipeline = Pipeline(cfg)
     if not rung.get("decode_only"):
         return pipeline.run()["reconstruction"], pipeline
     pipeline.check_config()
-    out = pipeline.folder("reconstruct")
-    metrics_path = out / f"metrics_nfe{cfg.decode.nfe}.json"
-    if not metrics_path.is_file():
-        with runtime_lib.setup(cfg, run_dir=out) as runtime:
-            tokenizer = load_tokenizer(trained.tokenizer_checkpoint(), runtime.device, use_ema=bool(cfg.decode.use_ema))
-            tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
-            torch.manual_seed(cfg.seed)
-            metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split,
-                                        num_images=cfg.reconstruct.num_images,
-                                        nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
-                                        autocast=runtime.autocast, lpips_net=cfg.lpips_net,
-                                        subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
-                                        grid_path=out / f"reconstructions_nfe{cfg.decode.nfe}.png",
-                                        per_image_file=per_image_path(out, cfg.decode.nfe))
-            metrics_path.write_text(json.dumps({**metrics, "checkpoint": str(trained.tokenizer_checkpoint()),
-                                                "grid": tokenizer.grid}, indent=2) + "\n")
-    return json.loads(metrics_path.read_text()), pipeline
+    checkpoint = trained.result("tokenizer")["checkpoint"]
+    return pipeline.run_step("reconstruct", lambda folder: reconstruct_on_grid(cfg, checkpoint, folder)), pipeline
 
 
 def row_of(rung: dict, cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
@@ -163,38 +169,44 @@ def plot(rows: list[dict], baselines: list[dict], out: Path) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str]) -> None:
-    label, out, extra, preset = parse_arguments(argv, "ladder32")
+def main(cfg: DictConfig) -> dict:
+    name, preset, extra = chosen_preset(cfg, "rungs")
+    return climb(cfg, name, selected_rows(preset, "rungs", name), extra)
+
+
+def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
+    """Train and measure every rung and baseline of `preset` (with the overrides `extra`) and write the results
+    folder; returns what results.json holds."""
+    out = results_folder(cfg, name)
     began = time.perf_counter()
-    rows, trained, cfg = [], None, None
-    for rung, cfg in rung_configs(preset, label, extra):
-        print(f"== {rung['label']} ({cfg.name}, NFE {cfg.decode.nfe})", flush=True)
-        reconstruction, pipeline = measure(rung, cfg, trained)
-        rows.append(row_of(rung, cfg, reconstruction, pipeline))
+    rows, trained, rung_cfg = [], None, None
+    for rung, rung_cfg in rung_configs(preset, name, extra):
+        print(f"== {rung['label']} ({rung_cfg.name}, NFE {rung_cfg.decode.nfe})", flush=True)
+        reconstruction, pipeline = measure(rung, rung_cfg, trained)
+        rows.append(row_of(rung, rung_cfg, reconstruction, pipeline))
         if not rung.get("decode_only"):
             trained = pipeline
     baselines = []
     for entry in preset.get("baselines", []):
-        base_cfg = run_config(preset, label, {**entry, "overrides": [*entry.get("overrides", []),
-                                                                      "pipeline.steps=[tokenizer,reconstruct]"]}, extra)
+        base_cfg = run_config(preset, name, {**entry, "overrides": [*entry.get("overrides", []),
+                                                                     "pipeline.steps=[tokenizer,reconstruct]"]}, extra)
         print(f"== {entry['label']} ({base_cfg.name})", flush=True)
         pipeline = Pipeline(base_cfg)
         baselines.append(row_of(entry, base_cfg, pipeline.run()["reconstruction"], pipeline))
-    changes = steps_down(rows, cfg.evaluate.bootstrap, cfg.evaluate.subset_seed)
-    versus = against_baselines(rows, baselines, cfg.evaluate.bootstrap, cfg.evaluate.subset_seed)
-    meta = {"preset": label, "command": "python pipelines/ablation.py " + " ".join(argv), "machine": machine(),
+    settings = rung_cfg.evaluate
+    changes = steps_down(rows, settings.bootstrap, settings.subset_seed)
+    versus = against_baselines(rows, baselines, settings.bootstrap, settings.subset_seed)
+    meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
-            "budget": f"{cfg.tokenizer.train.steps} steps × {cfg.tokenizer.train.batch_size} images at "
-                      f"{cfg.data.resolution} px"}
+            "budget": f"{rung_cfg.tokenizer.train.steps} steps × {rung_cfg.tokenizer.train.batch_size} images at "
+                      f"{rung_cfg.data.resolution} px"}
     results = {"meta": meta, "rows": rows, "changes": changes, "baselines": baselines, "against_baselines": versus}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(render_table(rows, changes, baselines, versus, meta))
     plot(rows, baselines, out)
     print((out / "table.md").read_text())
+    return results
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as error:
-        raise SystemExit(one_line(error)) from None
+    run_legacy_command("ablation")

@@ -110,7 +110,7 @@ def build_network(network: str, config: dict) -> torch.nn.Module:
     return build_tokenizer(config) if network == "tokenizer" else dit_from_model_config(config)
 
 
-def import_weights(cfg: DictConfig) -> None:
+def import_weights(cfg: DictConfig) -> dict:
     """stage=import: one checkpoint (step 0, no training state) in ${output_root}/import/${name}."""
     settings = cfg["import"]
     if not settings.source:
@@ -125,8 +125,10 @@ def import_weights(cfg: DictConfig) -> None:
              "source": {"path": str(settings.source), "format": kind}}, step=0)
         key = "tokenizer.checkpoint" if network == "tokenizer" else "ldm.checkpoint"
         runtime.log.info("imported %s (%s) as %s: pass %s=%s", settings.source, kind, network, key, runtime.run_dir)
-    print(json.dumps({"network": network, "source": str(settings.source), "format": kind,
-                      "checkpoint": str(checkpoint)}))
+        result = runtime.finish({"network": network, "source": str(settings.source), "format": kind,
+                                 "checkpoint": str(checkpoint)})
+    print(json.dumps(result))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -166,7 +168,7 @@ def converted_for_export(settings: DictConfig, network: str, model: torch.nn.Mod
     return diffusers_from_dit(model, bool(settings.approximate))
 
 
-def export_weights(cfg: DictConfig) -> None:
+def export_weights(cfg: DictConfig) -> dict:
     """stage=export: the network of export.source in export.format, in ${output_root}/export/${name}."""
     settings = cfg.export
     if not settings.source:
@@ -193,4 +195,6 @@ def export_weights(cfg: DictConfig) -> None:
             theirs = save_diffusers_folder(exported_config, exported_state, runtime.run_dir)
             result["max_abs_difference"] = largest_difference(network, model, theirs)
         runtime.log.info("exported: %s", json.dumps(result))
+        runtime.finish(result)
     print(json.dumps(result))
+    return result

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.bench.report import command_line, machine, write_report
+from pipelines.bench.report import machine, write_report
 from pipelines.bench.sd_vae import sd_vae_config
 from pipelines.bench.timing import count_flops, timed_call
-from pipelines.configs import ROOT, group_config
+from pipelines.configs import ROOT, command_line, group_config
 from shared.runtime import Runtime, setup
 from stage1_tokenizer.tokenizer import build_tokenizer
 from stage2_ldm.dit import build_dit
@@ -201,5 +201,4 @@ def main(cfg: DictConfig) -> dict:
         if settings.out:
             write_report(report, ROOT / settings.out, markdown)
         print(markdown(report))
-        runtime.mark_done()
-    return report
+        return runtime.finish(report)

@@ -2,8 +2,10 @@
 
     python pipelines/run.py stage=pipeline experiment=smoke
 
-Everything goes under ${output_root}/pipeline/${name}/, one folder per step. A step whose output exists is
-skipped, so rerunning the command resumes (training steps also resume inside themselves from their checkpoints).
+Everything goes under ${output_root}/pipeline/${name}/, one folder per step. Each step is a stage given the paths
+that the steps before it returned; a step whose folder holds a finished stage's result (shared.runtime:
+`finished_result`, the one contract of every stage) is not run again but its result taken, so rerunning the command
+resumes (training steps also resume inside themselves from their checkpoints).
 The folder keeps the config it was made with: rerunning it with a different config is refused, since skipping a
 finished step would then report results of settings the command no longer asks for.
 The report (report.md, report.json) states the settings behind every number.
@@ -12,23 +14,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from shared.errors import ConfigError
 from shared.metrics.intervals import format_interval
+from shared.runtime import finished_result
 
 STEPS = ("tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate")
-
-
-def _with(cfg: DictConfig, **values) -> DictConfig:
-    """A copy of cfg with dotted keys set, e.g. _with(cfg, **{"tokenizer.checkpoint": path})."""
-    copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    with open_dict(copy):
-        for key, value in values.items():
-            OmegaConf.update(copy, key, value, merge=False)
-    return copy
 
 
 def _read_json(path: Path) -> dict | None:
@@ -54,6 +49,8 @@ def _differences(old, new, prefix: str = "") -> list[str]:
 
 
 class Pipeline:
+    """The steps of the main job, each a stage run in its own folder with the inputs of the steps before it."""
+
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.root = Path(cfg.output_root) / "pipeline" / str(cfg.name)
@@ -80,80 +77,68 @@ class Pipeline:
     def folder(self, step: str) -> Path:
         return self.root / step
 
-    def _timed(self, step: str, function):
+    def result(self, step: str) -> dict:
+        """What a finished step returned, read from its folder; the steps after it take their inputs from it."""
+        result = finished_result(self.folder(step))
+        if result is None:
+            raise ConfigError(f"the pipeline step {step} has not finished in {self.folder(step)}: add it to "
+                              f"pipeline.steps")
+        return result
+
+    def run_step(self, step: str, run: Callable[[Path], dict]) -> dict:
+        """The step's result: `run(folder)` unless the step's folder holds the result of a finished run already
+        (the stage contract: shared.runtime.finished_result), which is then taken as it is."""
+        result = finished_result(self.folder(step))
+        if result is not None:
+            return result
         began = time.perf_counter()
-        result = function()
+        result = run(self.folder(step))
         self.seconds[step] = round(time.perf_counter() - began, 2)
         (self.root / "seconds.json").write_text(json.dumps(self.seconds, indent=2) + "\n")
         return result
 
-    def tokenizer_checkpoint(self) -> Path:
-        from shared.train.checkpoint import resolve_checkpoint
-
-        return resolve_checkpoint(self.folder("tokenizer"))
-
-    def run_tokenizer(self) -> None:
-        if (self.folder("tokenizer") / "DONE").exists():
-            return
+    def run_tokenizer(self, folder: Path) -> dict:
         from stage1_tokenizer.train import train_tokenizer
 
-        self._timed("tokenizer", lambda: train_tokenizer(self.cfg, run_dir=self.folder("tokenizer")))
+        return train_tokenizer(self.cfg, run_dir=folder)
 
-    def run_reconstruct(self) -> None:
-        if (self.folder("reconstruct") / f"metrics_nfe{self.cfg.decode.nfe}.json").exists():
-            return
+    def run_reconstruct(self, folder: Path) -> dict:
         from stage1_tokenizer.reconstruct import reconstruct
 
-        self._timed("reconstruct", lambda: reconstruct(self.cfg, self.tokenizer_checkpoint(),
-                                                       run_dir=self.folder("reconstruct")))
+        return reconstruct(self.cfg, self.result("tokenizer")["checkpoint"], run_dir=folder)
 
-    def run_cache(self) -> None:
-        if (self.folder("cache") / "train" / "manifest.json").exists():
-            return
-        from stage2_ldm.cache import main as cache_main
+    def run_cache(self, folder: Path) -> dict:
+        from stage2_ldm.cache import cache_to_folder
 
-        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint()),
-                                 "cache.dir": str(self.folder("cache")), "cache.splits": ["train"]})
-        self._timed("cache", lambda: cache_main(cfg))
+        return cache_to_folder(self.cfg, self.result("tokenizer")["checkpoint"], folder, splits=["train"])
 
-    def run_ldm(self) -> None:
-        if (self.folder("ldm") / "DONE").exists():
-            return
+    def run_ldm(self, folder: Path) -> dict:
         from stage2_ldm.train import train_ldm
 
-        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint())})
-        self._timed("ldm", lambda: train_ldm(cfg, cache_dir=self.folder("cache"), run_dir=self.folder("ldm"),
-                                             previews=True))
+        return train_ldm(self.cfg, self.result("cache")["dir"], self.result("tokenizer")["checkpoint"],
+                         run_dir=folder, previews=True)
 
-    def run_sample(self) -> None:
-        if (self.folder("sample") / "metrics.json").exists():
-            return
+    def run_sample(self, folder: Path) -> dict:
         from stage2_ldm.sample import sample_to_folder
 
-        cfg = _with(self.cfg, **{"tokenizer.checkpoint": str(self.tokenizer_checkpoint())})
-        self._timed("sample", lambda: sample_to_folder(cfg, self.folder("ldm"), out_dir=self.folder("sample")))
+        return sample_to_folder(self.cfg, self.result("ldm")["checkpoint"], self.result("tokenizer")["checkpoint"],
+                                out_dir=folder)
 
-    def run_evaluate(self) -> None:
-        if (self.folder("evaluate") / "evaluate.json").exists():
-            return
-        from shared.metrics.evaluate import main as evaluate_main
+    def run_evaluate(self, folder: Path) -> dict:
+        from shared.metrics.evaluate import evaluate_to_folder
 
-        cfg = _with(self.cfg, **{"evaluate.samples": str(self.folder("sample") / "samples.npz"),
-                                 "stage": "evaluate"})
-        self._timed("evaluate", lambda: evaluate_main(cfg, run_dir=self.folder("evaluate")))
+        return evaluate_to_folder(self.cfg, self.result("sample")["samples"], run_dir=folder)
 
     def run(self) -> dict:
         """Every configured step (finished ones are skipped), then the report."""
         self.check_config()
         for step in self.steps:
-            getattr(self, f"run_{step}")()
+            self.run_step(step, getattr(self, f"run_{step}"))
         return self.report()
 
     def report(self) -> dict:
-        nfe = self.cfg.decode.nfe
-        reconstruction = _read_json(self.folder("reconstruct") / f"metrics_nfe{nfe}.json") or {}
-        sampling = _read_json(self.folder("sample") / "metrics.json") or {}
-        evaluation = _read_json(self.folder("evaluate") / "evaluate.json") or {}
+        reconstruction, sampling, evaluation = (finished_result(self.folder(step)) or {}
+                                                for step in ("reconstruct", "sample", "evaluate"))
         report = {
             "name": str(self.cfg.name), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "tokenizer": {"kind": self.cfg.tokenizer.kind, "downsample": self.cfg.tokenizer.downsample,

@@ -1,16 +1,20 @@
-"""The FID / speed-up reproduction: several tokenizers at equal budget, the same DiT on each, one table.
+"""stage=reproduce: several tokenizers at equal budget, the same DiT on each, one table of the paper's claims.
 
-    python pipelines/reproduce.py preset=small32   # Imagenette 32 px on this machine's CPU (about 70 minutes)
-    python pipelines/reproduce.py preset=paper data.root=/data/imagenet   # ImageNet 256 px, GPU nodes
+    python pipelines/run.py stage=reproduce reproduce=small32   # Imagenette 32 px on this machine's CPU (~70 min)
+    python pipelines/run.py stage=reproduce reproduce=paper data.root=/data/imagenet   # ImageNet 256 px, GPU nodes
 
-For every tokenizer of `configs/reproduce/<preset>.yaml` it runs the main job (stage=pipeline: train the tokenizer,
-measure reconstructions, cache latents, train the DiT, sample, decode, evaluate), plus reconstructions at every
-decoder NFE of the sweep. Then it writes to `results/<preset>/`: the Table-4-style table (table.md, results.json),
-the paper's claims on the rows the preset names, each with the 95% interval of its difference and a computed
-verdict (reproduced / contradicted / inconclusive), the real-data FID floor, and plots (gFID vs throughput, rFID
-vs decoder NFE, sample and reconstruction grids). Everything resumes: rerun the same command after an interruption.
-Extra `key=value` arguments are Hydra overrides applied to every run; `only=vae_f4,epsvae_f4` runs (or, when they
-have finished, tabulates) just those rows of the preset.
+For every row (`tokenizers`) of the preset configs/reproduce/<PRESET>.yaml it runs the main job (stage=pipeline:
+train the tokenizer, measure reconstructions, cache latents, train the DiT, sample, decode, evaluate), plus
+reconstructions at every decoder NFE of the sweep. Then it writes to `results/<PRESET>/` (or `reproduce.out`): the
+Table-4-style table (table.md, results.json), the paper's claims on the rows the preset names, each with the 95%
+interval of its difference and a computed verdict (reproduced / contradicted / inconclusive), the real-data FID
+floor, and plots (gFID vs throughput, rFID vs decoder NFE, sample and reconstruction grids). Everything resumes:
+rerun the same command after an interruption. The other `key=value` arguments are applied to every run;
+`reproduce.only=[vae_f4,epsvae_f4]` runs (or, when they have finished, tabulates) just those rows.
+A preset holds `experiment`, `common` ({dotted key: value} for every row), `tokenizers` (rows: label, slug,
+tokenizer, overrides), `nfe_sweep` and `claims`; it may extend another preset (Hydra `defaults`), holding only
+what differs. The command of earlier versions, `python pipelines/reproduce.py preset=NAME [out=DIR] [only=A,B]
+[key=value ...]`, runs the same.
 """
 from __future__ import annotations
 
@@ -18,12 +22,12 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the older command line, from a bare checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib  # noqa: E402
 
@@ -31,56 +35,120 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipelines.configs import compose_config  # noqa: E402
+from pipelines.configs import CONFIG_DIR, ROOT, command_line, compose_config, group_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
-from shared.errors import ConfigError, UserError, one_line  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
 from shared.machine import describe, summary  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
-
-def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
-    """`base` Hydra overrides with those whose key appears in `changes` replaced, then the new ones appended."""
-    changed = {override.split("=", 1)[0] for override in changes}
-    return [override for override in base if override.split("=", 1)[0] not in changed] + changes
+# The keys of a stage=reproduce / stage=ablation command line that choose the preset, not the runs' settings.
+PRESET_KEYS = ("stage", "reproduce")
 
 
-def load_preset(name: str) -> dict:
-    """configs/reproduce/<name>.yaml, or a preset file given by its path.
-
-    A preset may name a `base` preset: it then takes everything from it, its own `common` overrides replacing
-    the base's overrides of the same keys, and its other keys replacing the base's.
-    """
-    path = Path(name) if name.endswith(".yaml") else ROOT / "configs" / "reproduce" / f"{name}.yaml"
-    if not path.is_file():
-        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"no reproduction preset {name!r} (configs/reproduce/{name}.yaml); choose from {presets}")
-    preset = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    if "base" not in preset:
-        return preset
-    base = load_preset(preset.pop("base"))
-    common = merge_overrides(base.get("common", []), preset.pop("common", []))
-    return {**base, **preset, "common": common}
+def override_value(value) -> str:
+    """A config value as Hydra's override grammar writes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(override_value(item) for item in value) + "]"
+    return str(value)
 
 
-def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str]):
+def as_overrides(settings: Mapping) -> list[str]:
+    """A preset's `common` settings, {dotted key: value}, as Hydra overrides."""
+    return [f"{key}={override_value(value)}" for key, value in settings.items()]
+
+
+def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str]) -> DictConfig:
+    """The stage=pipeline config of one row of a preset: its experiment, the common settings, the row's own
+    overrides, then `extra` (the command line's)."""
     overrides = ["stage=pipeline", f"experiment={preset['experiment']}", f"tokenizer={entry['tokenizer']}",
-                 f"name=reproduce_{preset_name}_{entry['slug']}", *preset["common"], *entry["overrides"], *extra]
+                 f"name=reproduce_{preset_name}_{entry['slug']}", *as_overrides(preset.get("common", {})),
+                 *entry["overrides"], *extra]
     return compose_config(overrides)
+
+
+def chosen_preset(cfg: DictConfig, rows_key: str) -> tuple[str, dict, list[str]]:
+    """(name, content, overrides for every run) of the preset that `reproduce=NAME` chose on the command line of
+    stage=reproduce or stage=ablation (`rows_key`: the preset's list of runs, `tokenizers` or `rungs`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = HydraConfig.get().runtime.choices.get("reproduce") if HydraConfig.initialized() else None
+    preset = OmegaConf.to_container(cfg.reproduce, resolve=True)
+    if name is None or rows_key not in preset:
+        presets = sorted(path.stem for path in (CONFIG_DIR / "reproduce").glob("*.yaml")
+                         if rows_key in group_config("reproduce", path.stem))
+        raise ConfigError(f"stage={cfg.stage} runs a preset with {rows_key}: add reproduce=NAME, one of {presets}")
+    task = HydraConfig.get().overrides.task
+    extra = [override for override in task
+             if override.lstrip("+~").split("=", 1)[0].split(".", 1)[0] not in PRESET_KEYS]
+    return name, preset, extra
+
+
+def selected_rows(preset: dict, rows_key: str, name: str) -> dict:
+    """The preset with only the rows `reproduce.only` names (all when it is null)."""
+    only = preset.pop("only", None)
+    preset.pop("out", None)
+    if only is None:
+        return preset
+    known = [entry["slug"] for entry in preset[rows_key]]
+    if set(only) - set(known):
+        raise ConfigError(f"reproduce.only={list(only)}: the preset {name} has the rows {known}")
+    return {**preset, rows_key: [entry for entry in preset[rows_key] if entry["slug"] in only]}
+
+
+def results_folder(cfg: DictConfig, name: str) -> Path:
+    out = Path(cfg.reproduce.out) if cfg.reproduce.out else ROOT / "results" / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def legacy_arguments(argv: list[str], stage: str) -> list[str]:
+    """`preset=NAME|FILE.yaml [out=DIR] [only=A,B] [key=value ...]`, the command line of pipelines/reproduce.py and
+    pipelines/ablation.py before they were stages, as the arguments of `pipelines/run.py stage=...`."""
+    arguments = [f"stage={stage}"]
+    for argument in argv:
+        key, _, value = argument.partition("=")
+        if key == "preset" and value.endswith(".yaml"):  # a preset file elsewhere: its folder joins the search path
+            folder = Path(value).resolve().parent
+            if folder.name != "reproduce":
+                raise ConfigError(f"preset={value}: a preset file outside configs/ must lie in a folder named "
+                                  f"reproduce/ (Hydra's config group)")
+            arguments += [f"hydra.searchpath=[file://{folder.parent}]", f"reproduce={Path(value).stem}"]
+        elif key == "preset":
+            arguments.append(f"reproduce={value}")
+        elif key == "out":
+            arguments.append(f"reproduce.out={value}")
+        elif key == "only":
+            arguments.append(f"reproduce.only=[{value}]")
+        else:
+            arguments.append(argument)
+    return arguments
+
+
+def run_legacy_command(stage: str) -> None:
+    """Run `python pipelines/<stage>.py preset=...` as `python pipelines/run.py stage=<stage> reproduce=...`."""
+    import runpy
+
+    sys.argv = [str(ROOT / "pipelines" / "run.py"), *legacy_arguments(sys.argv[1:], stage)]
+    runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def nfe_sweep(cfg, pipeline: Pipeline, nfes: list[int]) -> dict[int, dict]:
     """rFID/PSNR/LPIPS of the tokenizer at each decoder NFE (one pass for the VAE, which has no NFE)."""
+    tokenizer = pipeline.result("tokenizer")["checkpoint"]
     results = {}
     for nfe in (nfes if cfg.tokenizer.kind != "vae" else [cfg.decode.nfe]):
-        path = pipeline.folder("reconstruct") / f"metrics_nfe{nfe}.json"
-        if not path.is_file():
-            swept = OmegaConf.merge(cfg, {"decode": {"nfe": nfe}})
-            reconstruct(swept, pipeline.tokenizer_checkpoint(), run_dir=pipeline.folder("reconstruct"))
-        results[nfe] = json.loads(path.read_text())
+        swept = OmegaConf.merge(cfg, {"decode": {"nfe": nfe}})
+        # The pipeline's own reconstruction at its NFE; one more reconstruct stage, in its own folder, for the rest.
+        step = "reconstruct" if nfe == cfg.decode.nfe else f"reconstruct_nfe{nfe}"
+        results[nfe] = pipeline.run_step(step, lambda folder: reconstruct(swept, tokenizer, run_dir=folder))
     return results
 
 
@@ -117,11 +185,10 @@ def compression(cfg) -> str:
 
 
 def row_of(entry: dict, cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict]) -> dict:
-    from shared.metrics.evaluate import SAMPLE_FEATURES
     from stage1_tokenizer.reconstruct import per_image_path
 
     reconstruction, generation = report["reconstruction"], report["generation"]
-    evaluation = json.loads((pipeline.folder("evaluate") / "evaluate.json").read_text())
+    evaluation = pipeline.result("evaluate")
     return {"label": entry["label"], "slug": entry["slug"], "tokenizer": entry["tokenizer"],
             "kind": cfg.tokenizer.kind, "compression": compression(cfg),
             "latent_shape": [cfg.tokenizer.latent_channels, cfg.data.resolution // cfg.tokenizer.downsample,
@@ -136,7 +203,7 @@ def row_of(entry: dict, cfg, pipeline: Pipeline, report: dict, sweep: dict[int, 
             "wall_seconds": report["wall_seconds"],
             # What the claims are computed from: per-image reconstruction metrics and features, sample features.
             "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe)),
-                      "sample_features": str(pipeline.folder("evaluate") / SAMPLE_FEATURES),
+                      "sample_features": evaluation["sample_features"],
                       "reference": evaluation["reference_path"]}}
 
 
@@ -306,56 +373,42 @@ def machine() -> str:
     return summary(describe(device))
 
 
-def parse_arguments(argv: list[str], default_preset: str) -> tuple[str, Path, list[str], dict]:
-    """(label, output folder, Hydra overrides for every run, preset) of
-    `preset=NAME|PATH [out=DIR] [only=SLUG,SLUG] [key=value ...]`; the output folder is created."""
-    preset_name = next((a.split("=", 1)[1] for a in argv if a.startswith("preset=")), default_preset)
-    label = Path(preset_name).stem
-    out = Path(next((a.split("=", 1)[1] for a in argv if a.startswith("out=")), ROOT / "results" / label))
-    only = next((a.split("=", 1)[1].split(",") for a in argv if a.startswith("only=")), None)
-    extra = [a for a in argv if not a.startswith(("preset=", "out=", "only="))]
-    preset = load_preset(preset_name)
-    if only is not None:  # a subset of the preset's rows, e.g. to run (or tabulate) one at a time
-        known = [entry["slug"] for entry in preset.get("tokenizers", [])]
-        if set(only) - set(known):
-            raise ConfigError(f"only={','.join(only)}: the preset {label} has the rows {known}")
-        preset["tokenizers"] = [entry for entry in preset["tokenizers"] if entry["slug"] in only]
-    out.mkdir(parents=True, exist_ok=True)
-    return label, out, extra, preset
+def main(cfg: DictConfig) -> dict:
+    name, preset, extra = chosen_preset(cfg, "tokenizers")
+    return reproduce(cfg, name, selected_rows(preset, "tokenizers", name), extra)
 
 
-def main(argv: list[str]) -> None:
-    label, out, extra, preset = parse_arguments(argv, "small32")
+def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
+    """Run (or resume) every row of `preset`, with the overrides `extra` on each, and write the results folder;
+    returns what results.json holds."""
+    out = results_folder(cfg, name)
     began = time.perf_counter()
     rows = []
     for entry in preset["tokenizers"]:
-        cfg = run_config(preset, label, entry, extra)
-        print(f"== {entry['label']}: {compression(cfg)} ({cfg.name})", flush=True)
-        pipeline = Pipeline(cfg)
+        row_cfg = run_config(preset, name, entry, extra)
+        print(f"== {entry['label']}: {compression(row_cfg)} ({row_cfg.name})", flush=True)
+        pipeline = Pipeline(row_cfg)
         report = pipeline.run()
-        sweep = nfe_sweep(cfg, pipeline, preset.get("nfe_sweep", [cfg.decode.nfe]))
-        rows.append(row_of(entry, cfg, pipeline, report, sweep))
+        sweep = nfe_sweep(row_cfg, pipeline, preset.get("nfe_sweep", [row_cfg.decode.nfe]))
+        rows.append(row_of(entry, row_cfg, pipeline, report, sweep))
         for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),
-                               (pipeline.folder("reconstruct") / f"reconstructions_nfe{cfg.decode.nfe}.png",
+                               (pipeline.folder("reconstruct") / f"reconstructions_nfe{row_cfg.decode.nfe}.png",
                                 f"reconstructions_{entry['slug']}.png")):
             if source.is_file():
                 shutil.copyfile(source, out / target)
-    floor = real_data_floor(cfg)
-    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), cfg.evaluate.bootstrap,
-                   cfg.evaluate.subset_seed)
-    meta = {"preset": label, "command": "python pipelines/reproduce.py " + " ".join(argv),
-            "machine": machine(), "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "wall_minutes": (time.perf_counter() - began) / 60,
+    floor = real_data_floor(row_cfg)
+    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), row_cfg.evaluate.bootstrap,
+                   row_cfg.evaluate.subset_seed)
+    meta = {"preset": name, "command": command_line(), "machine": machine(),
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "compute_minutes": sum(sum(row["wall_seconds"].values()) for row in rows) / 60}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows, "claims": claim, "real_data_floor": floor},
-                                                    indent=2) + "\n")
+    results = {"meta": meta, "rows": rows, "claims": claim, "real_data_floor": floor}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(render_table(rows, claim, meta, floor))
     plot(rows, out)
     print((out / "table.md").read_text())
+    return results
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except UserError as error:
-        raise SystemExit(one_line(error)) from None
+    run_legacy_command("reproduce")

@@ -35,6 +35,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "describe": ("pipelines.describe:main", "parameter counts of tokenizer=NAME or ldm=NAME as one JSON line"),
     "shards": ("shared.data.shards:main", "write webdataset shards from an image folder"),
     "pipeline": ("pipelines.pipeline:main", "the main job: tokenizer -> cache -> ldm -> sample -> evaluate + report"),
+    "reproduce": ("pipelines.reproduce:main", "the paper's claims, several main jobs and one table: reproduce=PRESET"),
+    "ablation": ("pipelines.ablation:main", "the paper's ablation ladder (Table 5): reproduce=ladder32"),
     "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
     "import": ("pipelines.interop:import_weights", "weights of diffusers or facebookresearch/DiT -> a checkpoint"),
     "export": ("pipelines.interop:export_weights", "a checkpoint -> diffusers folder, DiT .pt or safetensors folder"),
@@ -48,7 +50,7 @@ def stages_help() -> str:
         "Choose a stage: python pipelines/run.py stage=NAME [key=value ...], with NAME one of\n"
         + "\n".join(lines)
         + "\nPresets: experiment=smoke (embedded data, minutes on a CPU), experiment=imagenette_mini, "
-        "experiment=imagenet256_*. See README.md."
+        "experiment=imagenet256_*; reproduce=small32|paper|ladder32 for stage=reproduce/ablation. See README.md."
     )
 
 

@@ -25,10 +25,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from shared.config_check import check_config
 from shared.errors import ConfigError
 
+# The contract of every stage that writes a run folder: it ends with Runtime.finish(result), which writes the result
+# (JSON: the numbers and output paths later steps read, and the inputs it was given) and then the marker.
+RESULT_FILE = "result.json"
+DONE_FILE = "DONE"
+
 # Keys that change how a run is shown, stored or laid out in memory, not what it computes: a rerun that differs
-# only in these resumes the same run. `import`, `export` and `paper_speed` configure only stages that never resume,
-# and no other stage reads them: runs and pipeline folders made before they existed still match.
-NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last", "import", "export", "paper_speed")
+# only in these resumes the same run. `import`, `export`, `paper_speed` and `reproduce` configure only stages that
+# never resume, and no other stage reads them: runs and pipeline folders made before they existed still match.
+NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last", "import", "export", "paper_speed",
+                     "reproduce")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -96,6 +102,21 @@ def init_process_group(launcher: DictConfig, device: torch.device) -> None:
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
 
 
+def finished_result(run_dir: str | Path) -> dict | None:
+    """The result of the stage that finished in `run_dir`, or None where none has (no marker, or a marker from
+    before stages wrote result files: such a stage runs again, resuming from what it left)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / DONE_FILE).is_file() or not (run_dir / RESULT_FILE).is_file():
+        return None
+    return json.loads((run_dir / RESULT_FILE).read_text())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def config_fingerprint(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in NON_SEMANTIC_KEYS:
@@ -112,7 +133,7 @@ def find_resumable_run(stage_dir: Path, cfg: DictConfig) -> Path | None:
         return None
     candidates = sorted((p for p in stage_dir.iterdir() if (p / "config.yaml").is_file()), key=lambda p: p.stat().st_mtime)
     for run in reversed(candidates):
-        if (run / "DONE").exists():
+        if (run / DONE_FILE).exists():
             continue
         try:
             previous = OmegaConf.load(run / "config.yaml")
@@ -177,18 +198,20 @@ class Runtime:
         """Record the config in the run folder: once the run is accepted (a new folder, a resume whose checkpoint
         matches, a finished stage), so that a rejected rerun leaves the folder describing what is in it."""
         if self.is_main:
-            temporary = self.run_dir / ".config.yaml.tmp"
-            OmegaConf.save(self.cfg, temporary, resolve=True)
-            os.replace(temporary, self.run_dir / "config.yaml")
+            _write_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
 
-    def mark_done(self) -> None:
+    def finish(self, result: dict) -> dict:
+        """End the stage (the one contract every stage keeps): its result file, its config, then the completion
+        marker, written last so that a folder with the marker always holds the whole result. Returns `result`."""
         if self.is_main:
+            _write_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
             self.save_config()
-            (self.run_dir / "DONE").write_text(datetime.datetime.now().isoformat() + "\n")
+            _write_atomically(self.run_dir / DONE_FILE, datetime.datetime.now().isoformat() + "\n")
+        return result
 
     def __enter__(self) -> Runtime:
         return self

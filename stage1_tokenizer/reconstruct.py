@@ -7,7 +7,7 @@ bootstrap spread, PSNR, SSIM and LPIPS with their 95% intervals, and the decoder
 side-by-side PNG grid (originals above reconstructions). `reconstruct.num_images` below the split's size draws a
 seeded class-stratified subset (`evaluate.subset_seed`, shared/data/subsets.py), so two tokenizers measured with
 the same settings see the same images: per_image_nfe<N>.npz keeps each image's index, metrics and Inception
-features, from which their paired differences are computed (pipelines/reproduce.py).
+features, from which their paired differences are computed (stage=reproduce).
 Latents are the posterior means; the ε-VAE decoder samples its own noise, so its reconstructions are stochastic.
 """
 from __future__ import annotations
@@ -96,6 +96,8 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
 
 
 def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | None = None) -> dict:
+    """Reconstruct with the tokenizer at `checkpoint` (a file or a stage=tokenizer run folder); returns the stage's
+    result, the metrics at decoder NFE `decode.nfe`."""
     with runtime_lib.setup(cfg, run_dir=run_dir) as runtime:
         checkpoint = resolve_checkpoint(checkpoint)
         tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
@@ -110,12 +112,13 @@ def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | N
                                     per_image_file=per_image_path(runtime.run_dir, nfe), progress=cfg.progress)
         metrics.update(tokenizer=type(tokenizer).__name__, checkpoint=str(checkpoint), use_ema=bool(cfg.decode.use_ema),
                        device=str(runtime.device))
-        (runtime.run_dir / f"metrics_nfe{nfe}.json").write_text(json.dumps(metrics, indent=2) + "\n")
         runtime.log.info("reconstruction: %s", json.dumps(metrics))
-    return metrics
+        return runtime.finish(metrics)
 
 
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     if not cfg.tokenizer.get("checkpoint"):
         raise ConfigError("tokenizer.checkpoint is null: set it to a stage=tokenizer run folder or checkpoint file")
-    print(json.dumps(reconstruct(cfg, cfg.tokenizer.checkpoint)))
+    result = reconstruct(cfg, cfg.tokenizer.checkpoint)
+    print(json.dumps(result))
+    return result

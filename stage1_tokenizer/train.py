@@ -119,8 +119,9 @@ def reconstruction_grid(tokenizer, images: torch.Tensor, nfe: int, path: Path) -
     save_comparison_grid(images, reconstructions, path)
 
 
-def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
-    """Train (or resume) the tokenizer of `cfg.tokenizer` on `cfg.data`; returns the final checkpoint path."""
+def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """Train (or resume) the tokenizer of `cfg.tokenizer` on `cfg.data`; returns the stage's result: the final
+    checkpoint (`checkpoint`) and its step."""
     check_config(cfg)
     initial_encoder = adopt_initial_encoder(cfg)  # before setup: the run's config records the adopted settings
     with runtime_lib.setup(cfg, run_dir=run_dir, resume=True) as runtime:
@@ -158,9 +159,9 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> Path:
         result = train(runtime, module, make_batches, loop, model_config=model_config(cfg.tokenizer),
                        images_per_batch=train_cfg.batch_size, on_sample=on_sample, progress=cfg.progress)
         runtime.log.info("done: %s", result.checkpoint)
-        runtime.mark_done()
-    return result.checkpoint
+        return runtime.finish({"checkpoint": str(result.checkpoint), "step": result.step,
+                               "nonfinite_steps": result.nonfinite_steps})
 
 
-def main(cfg: DictConfig) -> None:
-    train_tokenizer(cfg)
+def main(cfg: DictConfig) -> dict:
+    return train_tokenizer(cfg)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from shared.data.latents import DTYPES, read_shard_info, shard_damage, shard_name, write_manifest, write_shard
+from shared.data.latents import DTYPES, MANIFEST, read_shard_info, shard_damage, shard_name, write_manifest, write_shard
 from shared.errors import ConfigError, DataError
 from shared.preemption import Preempted, PreemptionFlag, leave_signals_to_the_main_process
 from shared.train.checkpoint import load_weights, resolve_checkpoint
@@ -219,25 +219,39 @@ def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0)
 
 
-def main(cfg: DictConfig) -> None:
+def cache_to_folder(cfg: DictConfig, tokenizer_checkpoint: str | Path, out_dir: str | Path,
+                    splits: list[str]) -> dict:
+    """Encode `splits` of cfg.data with the tokenizer at `tokenizer_checkpoint` into `out_dir`; returns the stage's
+    result: the folder and, for every split it holds, its size and latent shape."""
     from shared.runtime import setup
     from stage1_tokenizer.tokenizer import load_tokenizer
 
-    checkpoint = cfg.tokenizer.get("checkpoint")
-    if not checkpoint:
-        raise ConfigError("tokenizer.checkpoint is null: stage=cache encodes with a trained tokenizer; set "
-                          "tokenizer.checkpoint=<run folder of stage=tokenizer, or a checkpoint file>")
-    splits = list(cfg.cache.splits)
     if not splits:
         raise ConfigError("cache.splits is empty: name the splits to cache, e.g. cache.splits=[train]")
     use_ema = bool(cfg.decode.use_ema)
-    fingerprint = tokenizer_fingerprint(checkpoint, use_ema=use_ema)
-    with setup(cfg, run_dir=cfg.cache.dir) as runtime:
-        tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=use_ema)
+    tokenizer_checkpoint = resolve_checkpoint(tokenizer_checkpoint)
+    fingerprint = tokenizer_fingerprint(tokenizer_checkpoint, use_ema=use_ema)
+    with setup(cfg, run_dir=out_dir) as runtime:
+        tokenizer = load_tokenizer(tokenizer_checkpoint, runtime.device, use_ema=use_ema)
         for split in splits:
-            cache_latents(tokenizer, cfg.data, split, cfg.cache.dir, shard_size=int(cfg.cache.shard_size),
+            cache_latents(tokenizer, cfg.data, split, out_dir, shard_size=int(cfg.cache.shard_size),
                           batch_size=int(cfg.cache.batch_size), device=runtime.device, autocast=runtime.autocast,
                           rank=runtime.rank, world_size=runtime.world_size, tokenizer_fingerprint=fingerprint,
                           progress=bool(cfg.progress), barrier=runtime.barrier,
                           dtype=str(cfg.cache.get("dtype", "float32")))
-        runtime.mark_done()
+        # Every split the folder holds, also those an earlier run cached: the folder is what later stages read.
+        manifests = {path.parent.name: json.loads(path.read_text())
+                     for path in sorted(Path(out_dir).glob(f"*/{MANIFEST}"))}
+        return runtime.finish({
+            "dir": str(out_dir), "tokenizer_checkpoint": str(tokenizer_checkpoint),
+            "tokenizer_fingerprint": fingerprint,
+            "splits": {split: {key: manifest[key] for key in ("total", "skipped", "latent_shape")}
+                       for split, manifest in manifests.items()}})
+
+
+def main(cfg: DictConfig) -> dict:
+    checkpoint = cfg.tokenizer.get("checkpoint")
+    if not checkpoint:
+        raise ConfigError("tokenizer.checkpoint is null: stage=cache encodes with a trained tokenizer; set "
+                          "tokenizer.checkpoint=<run folder of stage=tokenizer, or a checkpoint file>")
+    return cache_to_folder(cfg, checkpoint, cfg.cache.dir, list(cfg.cache.splits))

@@ -3,7 +3,7 @@
     python pipelines/run.py stage=sample ldm.checkpoint=outputs/ldm/RUN sample.cfg_scale=1.5 decode.nfe=3
 
 Writes to the run folder: images/<index>_c<label>.png, grid.png, samples.npz (the ADM evaluator's layout: arr_0
-uint8 N×H×W×3, arr_1 labels) and metrics.json with images/s of the LDM part, the decoding part and the whole: the
+uint8 N×H×W×3, arr_1 labels) and result.json with images/s of the LDM part, the decoding part and the whole: the
 median over the full batches, after an untimed warm-up batch of the same size, with the range.
 """
 from __future__ import annotations
@@ -88,22 +88,24 @@ def throughput(timings: list[dict]) -> dict:
             "range": {part: [min(values), max(values)] for part, values in rates.items()}, "timed_batches": len(full)}
 
 
-def _tokenizer_for(cfg: DictConfig, config: dict, device: torch.device):
-    recorded = config.get("tokenizer_checkpoint")  # the tokenizer whose latents the DiT was trained on
-    path = cfg.tokenizer.get("checkpoint") or recorded
+def tokenizer_path(config: dict, given: str | Path | None) -> Path:
+    """The tokenizer checkpoint to decode with: `given`, or else the one whose latents the DiT was trained on."""
+    recorded = config.get("tokenizer_checkpoint")
+    path = given or recorded
     if not path:
         raise ConfigError("no tokenizer to decode with: set tokenizer.checkpoint=<stage=tokenizer run or file>")
     if not Path(path).exists() and recorded and Path(recorded).exists():
         raise DataError(f"tokenizer.checkpoint={path} does not exist; the DiT was trained on latents of "
                         f"{recorded}: pass tokenizer.checkpoint={recorded}")
-    return load_tokenizer(resolve_checkpoint(path), device, use_ema=bool(cfg.decode.use_ema))
+    return resolve_checkpoint(path)
 
 
 def preview_grid(cfg: DictConfig, step: int, dit, config: dict, runtime) -> None:
-    """During stage=ldm: one sample per class (at most 8 classes x 2) decoded to a PNG grid."""
-    if not (cfg.tokenizer.get("checkpoint") or config.get("tokenizer_checkpoint")):
+    """During stage=ldm: one sample per class (at most 8 classes x 2) decoded to a PNG grid, with the tokenizer the
+    DiT's latents came from (none recorded: no grid)."""
+    if not config.get("tokenizer_checkpoint"):
         return
-    tokenizer = _tokenizer_for(cfg, config, runtime.device)
+    tokenizer = load_tokenizer(tokenizer_path(config, None), runtime.device, use_ema=bool(cfg.decode.use_ema))
     labels = torch.arange(min(config["num_classes"], 8)).repeat(2)
     images, _ = generate(dit.eval(), config, tokenizer, labels, cfg_scale=cfg.sample.cfg_scale,
                          sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
@@ -120,13 +122,17 @@ def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, clas
     save_image_grid(torch.stack(cells), path, nrow=width)
 
 
-def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str | Path | None = None) -> dict:
-    """Sample, decode and write images, grid, npz and metrics.json; returns the metrics. Several processes split
-    the labels (rank r takes every world_size-th) and rank 0 assembles the npz."""
+def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, tokenizer_checkpoint: str | Path | None = None,
+                     out_dir: str | Path | None = None) -> dict:
+    """Sample with the DiT at `ldm_checkpoint`, decode with the tokenizer at `tokenizer_checkpoint` (None: the one
+    the DiT recorded) and write images, grid and samples.npz; returns the stage's result (settings, images/s and
+    the npz's path; empty on other processes than the main one). Several processes split the labels (rank r takes
+    every world_size-th) and rank 0 assembles the npz."""
     with runtime_lib.setup(cfg, run_dir=out_dir) as runtime:
         torch.manual_seed(cfg.seed + runtime.rank)
         dit, config = load_dit(ldm_checkpoint, runtime.device, use_ema=True)
-        tokenizer = _tokenizer_for(cfg, config, runtime.device)
+        tokenizer_checkpoint = tokenizer_path(config, tokenizer_checkpoint)
+        tokenizer = load_tokenizer(tokenizer_checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
         labels = labels_to_sample(cfg.sample, config["num_classes"])
         indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
         images, timings = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
@@ -151,13 +157,15 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, out_dir: str |
                 "images_per_s": throughput(timings),
                 "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},
                 "ldm_checkpoint": str(resolve_checkpoint(ldm_checkpoint)),
+                "tokenizer_checkpoint": str(tokenizer_checkpoint), "samples": str(runtime.run_dir / "samples.npz"),
             }
-            (runtime.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             runtime.log.info("samples in %s: %s", runtime.run_dir, json.dumps(metrics["images_per_s"]))
-    return metrics
+        return runtime.finish(metrics)
 
 
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> dict:
     if not cfg.ldm.get("checkpoint"):
         raise ConfigError("ldm.checkpoint is null: set ldm.checkpoint=<stage=ldm run folder or checkpoint file>")
-    print(json.dumps(sample_to_folder(cfg, cfg.ldm.checkpoint)))
+    result = sample_to_folder(cfg, cfg.ldm.checkpoint, cfg.tokenizer.get("checkpoint"))
+    print(json.dumps(result))
+    return result

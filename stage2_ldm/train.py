@@ -77,13 +77,13 @@ def deepspeed_config(cfg: DictConfig, micro_batch: int) -> dict | None:
     return config
 
 
-def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str | Path | None = None,
-              previews: bool = False) -> Path:
-    """Train (or resume) the DiT on the latent cache at `cache_dir` (default cfg.cache.dir); returns the final
-    checkpoint. previews: every ldm.train.sample_every steps, decode a grid of the EMA DiT's samples
-    (stage2_ldm/sample.py:preview_grid)."""
-    cache_dir = Path(cache_dir or cfg.cache.dir)
-    tokenizer_checkpoint = cfg.tokenizer.get("checkpoint")
+def train_ldm(cfg: DictConfig, cache_dir: str | Path, tokenizer_checkpoint: str | Path | None,
+              run_dir: str | Path | None = None, previews: bool = False) -> dict:
+    """Train (or resume) the DiT on the latent cache at `cache_dir`; returns the stage's result: the final
+    checkpoint (`checkpoint`) and its step. tokenizer_checkpoint: the tokenizer the cache was encoded with; when
+    given, the cache must have been, and the DiT records it for decoding its samples. previews: every
+    ldm.train.sample_every steps, decode a grid of the EMA DiT's samples (stage2_ldm/sample.py:preview_grid)."""
+    cache_dir = Path(cache_dir)
     expected_fingerprint = None
     if tokenizer_checkpoint:
         from stage2_ldm.cache import tokenizer_fingerprint
@@ -113,9 +113,10 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path | None = None, run_dir: str
         result = train(runtime, module, make_batches, loop, model_config=config, images_per_batch=train_cfg.batch_size,
                        on_sample=preview if previews else None,
                        deepspeed_config=deepspeed_config(cfg, train_cfg.batch_size), progress=cfg.progress)
-        runtime.mark_done()
-    return result.checkpoint
+        return runtime.finish({"checkpoint": str(result.checkpoint), "step": result.step,
+                               "nonfinite_steps": result.nonfinite_steps, "cache_dir": str(cache_dir),
+                               "tokenizer_checkpoint": tokenizer_checkpoint})
 
 
-def main(cfg: DictConfig) -> None:
-    train_ldm(cfg, previews=True)
+def main(cfg: DictConfig) -> dict:
+    return train_ldm(cfg, cfg.cache.dir, cfg.tokenizer.get("checkpoint"), previews=True)

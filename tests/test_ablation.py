@@ -1,13 +1,16 @@
-"""pipelines/ablation.py: cumulative rungs, decode-only rungs reuse a tokenizer, paired changes and the table."""
+"""stage=ablation: cumulative rungs, decode-only rungs reuse a tokenizer, paired changes and the table."""
 import json
 
 import pytest
 
-from pipelines import ablation, reproduce
+from pipelines import ablation
+from pipelines.configs import group_config
+from shared.runtime import finished_result
+from tests.helpers import run_cli
 
 
 def test_the_ladder_presets_rungs_accumulate_their_changes():
-    preset = reproduce.load_preset("ladder32")
+    preset = group_config("reproduce", "ladder32")
     configs = dict((rung["slug"], cfg) for rung, cfg in ablation.rung_configs(preset, "ladder32", []))
     ddpm, flow, unet, last = configs["ddpm"], configs["flow"], configs["adm_unet"], configs["reversed_log"]
     assert ddpm.tokenizer.flow.process == "ddpm" and ddpm.tokenizer.decoder.arch == "dit" and ddpm.decode.nfe == 100
@@ -23,13 +26,13 @@ def test_the_ladder_presets_rungs_accumulate_their_changes():
 
 @pytest.mark.slow
 def test_a_tiny_ladder_runs_end_to_end_and_reuses_the_tokenizer_of_a_decode_only_rung(tmp_path):
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text("""
+    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
+    (tmp_path / "presets" / "reproduce" / "tiny.yaml").write_text("""
 experiment: smoke
 tokenizer: epsvae_tiny
-common: [data.train_size=64, data.val_size=24, tokenizer.train.steps=4, tokenizer.train.batch_size=8,
-         tokenizer.train.sample_every=100, tokenizer.train.ckpt_every=100, reconstruct.num_images=20,
-         evaluate.bootstrap=10, decode.batch_size=10]
+common: {data.train_size: 64, data.val_size: 24, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
+         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 20,
+         evaluate.bootstrap: 10, decode.batch_size: 10}
 rungs:
   - {label: "DDPM", slug: ddpm, nfe: 4, paper: {rfid: 28.22, nfe: 1000},
      changes: [tokenizer.flow.process=ddpm, tokenizer.flow.gamma=1.0, tokenizer.flow.grid=uniform,
@@ -40,15 +43,15 @@ baselines:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, paper: {rfid: 11.15}, overrides: []}
 """)
     out = tmp_path / "results"
-    ablation.main([f"preset={preset}", f"out={out}", f"output_root={tmp_path}", "wandb.mode=disabled",
-                   "progress=false", "device=cpu"])
+    run_cli("stage=ablation", "reproduce=tiny", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
+            f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false", "device=cpu",
+            timeout=1800)
     results = json.loads((out / "results.json").read_text())
     assert [row["slug"] for row in results["rows"]] == ["ddpm", "flow", "grid"]
     assert [row["nfe"] for row in results["rows"]] == [4, 2, 1]
     assert [change["to"] for change in results["changes"]] == ["flow", "grid"]
     assert all(change["verdict"] in ("reproduced", "contradicted", "inconclusive") for change in results["changes"])
-    grid_metrics = json.loads((tmp_path / "pipeline" / "reproduce_tiny_grid" / "reconstruct" /
-                               "metrics_nfe1.json").read_text())
+    grid_metrics = finished_result(tmp_path / "pipeline" / "reproduce_tiny_grid" / "reconstruct")
     assert grid_metrics["grid"] == "reversed_log"
     assert "reproduce_tiny_flow" in grid_metrics["checkpoint"]  # decoded with the previous rung's tokenizer
     assert not (tmp_path / "pipeline" / "reproduce_tiny_grid" / "tokenizer").exists()  # nothing was retrained

@@ -38,8 +38,16 @@ def test_describe_prints_one_json_line_for_the_ldm():
 
 
 @pytest.mark.parametrize("script", ["reproduce.py", "ablation.py"])
-def test_reproduction_scripts_report_a_user_error_in_one_line(script):
+def test_the_older_reproduction_scripts_run_the_stages_and_name_the_presets(script):
     result = run_cli("preset=no_such_preset", script=script, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "reproduce/no_such_preset" in result.stderr and "small32" in result.stderr  # Hydra lists the presets
+
+
+@pytest.mark.parametrize("stage, presets", [("reproduce", "['mini', 'mini_long', 'paper', 'small32']"),
+                                            ("ablation", "['ladder32']")])
+def test_a_reproduction_stage_without_a_preset_names_the_presets_in_one_line(stage, presets):
+    result = run_cli(f"stage={stage}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
-    assert result.stderr.startswith("error (ConfigError): no reproduction preset 'no_such_preset'")
+    assert result.stderr.strip() == f"error (ConfigError): stage={stage} runs a preset with " \
+        f"{'tokenizers' if stage == 'reproduce' else 'rungs'}: add reproduce=NAME, one of {presets}"

@@ -142,6 +142,7 @@ def test_checkpoints_hold_only_tensors_and_plain_values(tmp_path):
     from stage1_tokenizer.train import train_tokenizer
 
     checkpoint = train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=1"], tmp_path))
+    checkpoint = Path(checkpoint["checkpoint"])
     assert torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint) == []
 
 
@@ -383,7 +384,8 @@ def test_a_run_whose_checkpoints_are_all_unreadable_is_refused_not_restarted(tmp
     """Decided: starting over from step 0 would silently throw the run away; the user moves the files instead."""
     from stage1_tokenizer.train import train_tokenizer
 
-    checkpoint = train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=1"], tmp_path))
+    checkpoint = Path(train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=1"],
+                                                  tmp_path))["checkpoint"])
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     with pytest.raises(DataError, match=r"none of the 1 checkpoints in .* can be read .* move them out"):
         train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=2"], tmp_path))
@@ -395,7 +397,8 @@ def test_metrics_of_a_resumed_run_have_one_row_per_step(tmp_path):
     from stage1_tokenizer.train import train_tokenizer
 
     steps = ["name=run", "tokenizer.train.ckpt_every=2"]
-    last = train_tokenizer(load_config([*TINY_TOKENIZER, *steps, "tokenizer.train.steps=3"], tmp_path))
+    result = train_tokenizer(load_config([*TINY_TOKENIZER, *steps, "tokenizer.train.steps=3"], tmp_path))
+    last = Path(result["checkpoint"])
     last.unlink()  # as if killed after logging step 3 and before its checkpoint landed: resume at 2
     train_tokenizer(load_config([*TINY_TOKENIZER, *steps, "tokenizer.train.steps=4"], tmp_path))
     rows = (tmp_path / "tokenizer" / "run" / "metrics.jsonl").read_text().splitlines()

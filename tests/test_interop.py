@@ -247,7 +247,8 @@ def test_tokenizer_training_starts_from_the_initial_encoder(narrow_autoencoder, 
                        "data.val_size=2", "tokenizer.train.steps=1", "tokenizer.train.batch_size=2",
                        "tokenizer.train.lr=1e-30", "tokenizer.train.sample_every=0", "tokenizer.loss.lpips=0",
                        "reconstruct.grid_images=2"], tmp_path)
-    checkpoint = load_checkpoint(train_tokenizer(cfg, run_dir=tmp_path / "run"))  # one step of a vanishing lr
+    # one step of a vanishing lr
+    checkpoint = load_checkpoint(train_tokenizer(cfg, run_dir=tmp_path / "run")["checkpoint"])
     assert checkpoint["config"]["encoder"]["downsample_padding"] == "bottom_right"
     assert "init_encoder" not in checkpoint["config"]  # training only: the network is the same
     tokenizer = load_tokenizer(tmp_path / "run", "cpu")

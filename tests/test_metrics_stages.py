@@ -112,7 +112,7 @@ def test_evaluate_against_a_reference_npz(tmp_path):
     low, high = result["fid_ci95"]
     assert result["fid_std"] > 0 and low < result["fid"] < high and result["bootstrap_resamples"] == 20
     run_dir = tmp_path / "evaluate" / "eval_test"
-    saved = json.loads((run_dir / "evaluate.json").read_text())
+    saved = json.loads((run_dir / "result.json").read_text())
     assert saved["fid"] == pytest.approx(result["fid"])
     assert np.load(run_dir / evaluate.SAMPLE_FEATURES).shape == (4, 2048)
 

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from shared.runtime import finished_result
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -29,9 +30,18 @@ def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
                  "reconstruct/reconstructions_nfe1.png"):
         assert (root / grid).is_file(), grid
 
-    again = run_cli(*SHORT, f"output_root={tmp_path}")  # every step's output exists: nothing is redone
+    for step in report["wall_seconds"]:  # the one contract: every step's folder holds its result and marker
+        assert finished_result(root / step) is not None, step
+    assert report["reconstruction"]["rfid"] == finished_result(root / "reconstruct")["rfid"]
+
+    again = run_cli(*SHORT, f"output_root={tmp_path}")  # every step has finished: nothing is redone
     assert "INFO stage=" not in again.stderr
     assert json.loads((root / "report.json").read_text())["wall_seconds"] == report["wall_seconds"]
+
+    (root / "sample" / "DONE").unlink()  # the marker alone decides: that step runs again, and only it
+    third = run_cli(*SHORT, f"output_root={tmp_path}")
+    assert [line.split("run_dir=")[1].split()[0] for line in third.stderr.splitlines() if "INFO stage=" in line] \
+        == [str(root / "sample")]
 
 
 def test_a_pipeline_folder_refuses_a_rerun_with_a_different_config(tmp_path):

@@ -165,7 +165,7 @@ def test_ldm_refuses_a_cache_made_by_another_tokenizer(tmp_path, other):
     another = write_tokenizer_checkpoint(tmp_path / "another.pt", 1, *other)
     cfg = load_config(["stage=ldm", *common, f"tokenizer.checkpoint={another}", "ldm.train.batch_size=4"], tmp_path)
     with pytest.raises(DataError, match="was made by another tokenizer.*rerun stage=cache"):
-        train_ldm(cfg)
+        train_ldm(cfg, cfg.cache.dir, cfg.tokenizer.checkpoint)
 
 
 def test_rerun_into_a_run_of_another_model_config_is_refused(tmp_path):
@@ -275,8 +275,9 @@ def test_channels_last_training_computes_what_contiguous_training_does(tmp_path)
     from stage1_tokenizer.train import train_tokenizer
 
     steps = ("tokenizer.train.steps=3", "tokenizer.train.ckpt_every=2", "tokenizer.loss.disc_start=1")
-    contiguous = train_tokenizer(tokenizer_cfg(tmp_path, "name=contiguous", *steps)).parents[1]
-    channels_last = train_tokenizer(tokenizer_cfg(tmp_path, "name=nhwc", "channels_last=true", *steps)).parents[1]
+    contiguous = Path(train_tokenizer(tokenizer_cfg(tmp_path, "name=contiguous", *steps))["checkpoint"]).parents[1]
+    channels_last = Path(train_tokenizer(tokenizer_cfg(tmp_path, "name=nhwc", "channels_last=true",
+                                                       *steps))["checkpoint"]).parents[1]
     for plain, nhwc in zip(metric_rows(contiguous), metric_rows(channels_last), strict=True):
         for key in ("loss/velocity", "loss/lpips", "loss/adversarial", "disc/loss"):
             if key in plain:

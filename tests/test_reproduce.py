@@ -1,8 +1,9 @@
-"""pipelines/reproduce.py: the presets load, the claims are computed from the rows the preset names, outputs."""
+"""stage=reproduce: the presets load, the claims are computed from the rows the preset names, outputs."""
 import numpy as np
 import pytest
 
 from pipelines import reproduce
+from pipelines.configs import group_config
 from shared.errors import ConfigError
 from shared.metrics.fid import save_statistics
 from tests.helpers import load_config
@@ -44,28 +45,26 @@ SPEC = {"equal_compression": {"baseline": "vae", "ours": "eps8"}, "speedup": {"b
 
 @pytest.mark.parametrize("name", ["mini", "mini_long", "paper", "small32"])
 def test_presets_name_four_tokenizers_and_the_claim_rows(name):
-    preset = reproduce.load_preset(name)
+    preset = group_config("reproduce", name)
     slugs = [entry["slug"] for entry in preset["tokenizers"]]
     assert len(slugs) == len(set(slugs)) >= 4
     for claim in preset["claims"].values():
         assert claim["baseline"] in slugs and claim["ours"] in slugs
 
 
-def test_a_preset_with_a_base_replaces_only_the_overrides_it_names(tmp_path):
-    child = tmp_path / "child.yaml"
-    child.write_text("base: mini\ncommon: [tokenizer.train.steps=7, sample.cfg_scale=2.0]\nnfe_sweep: [1]\n")
-    base, preset = reproduce.load_preset("mini"), reproduce.load_preset(str(child))
-    assert preset["tokenizers"] == base["tokenizers"] and preset["claims"] == base["claims"]
-    assert preset["nfe_sweep"] == [1]
-    assert [o for o in preset["common"] if o.startswith("tokenizer.train.steps=")] == ["tokenizer.train.steps=7"]
-    assert "sample.cfg_scale=2.0" in preset["common"]
-    untouched = [o for o in base["common"] if not o.startswith("tokenizer.train.steps=")]
-    assert [o for o in preset["common"] if o in untouched] == untouched
+def test_a_preset_that_extends_another_changes_only_the_settings_it_names():
+    base, longer = group_config("reproduce", "mini"), group_config("reproduce", "mini_long")
+    assert longer["tokenizers"] == base["tokenizers"] and longer["claims"] == base["claims"]
+    assert longer["common"] == {**base["common"], "tokenizer.train.steps": 900, "tokenizer.loss.disc_start": 225,
+                                "tokenizer.train.ckpt_every": 300, "tokenizer.train.sample_every": 450}
+    cfg = reproduce.run_config(longer, "mini_long", longer["tokenizers"][0], ["seed=3"])
+    assert cfg.tokenizer.train.steps == 900 and cfg.ldm.depth == group_config("ldm", "dit_mini")["depth"]
+    assert cfg.seed == 3 and cfg.name == "reproduce_mini_long_vae_f8"
 
 
-def test_unknown_preset_is_a_config_error():
-    with pytest.raises(ConfigError, match="no reproduction preset"):
-        reproduce.load_preset("nope")
+def test_common_settings_become_the_overrides_hydra_reads():
+    assert reproduce.as_overrides({"ldm": "dit_mini", "a.b": [1, 2, 2, 4], "flag": True, "none": None, "lr": 1e-3}) \
+        == ["ldm=dit_mini", "a.b=[1,2,2,4]", "flag=true", "none=null", "lr=0.001"]
 
 
 def test_claims_are_computed_from_the_intervals_of_the_named_rows(rows):
@@ -128,10 +127,19 @@ def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(t
     assert f"score FID {floor['fid']:.1f} [" in reproduce.render_table([], [], meta, floor)
 
 
-def test_only_selects_rows_of_a_preset(tmp_path):
-    label, out, extra, preset = reproduce.parse_arguments(
-        ["preset=small32", f"out={tmp_path}/r", "only=vae_f4,epsvae_f8", "seed=1"], "mini")
-    assert label == "small32" and out.is_dir() and extra == ["seed=1"]
-    assert [entry["slug"] for entry in preset["tokenizers"]] == ["vae_f4", "epsvae_f8"]
+def test_only_selects_rows_of_a_preset():
+    preset = {**group_config("reproduce", "small32"), "only": ["vae_f4", "epsvae_f8"], "out": None}
+    chosen = reproduce.selected_rows(preset, "tokenizers", "small32")
+    assert [entry["slug"] for entry in chosen["tokenizers"]] == ["vae_f4", "epsvae_f8"] and "only" not in chosen
     with pytest.raises(ConfigError, match="has the rows"):
-        reproduce.parse_arguments(["preset=small32", f"out={tmp_path}/r", "only=nope"], "mini")
+        reproduce.selected_rows({**preset, "only": ["nope"]}, "tokenizers", "small32")
+
+
+def test_the_older_command_line_becomes_the_stage_s(tmp_path):
+    (tmp_path / "reproduce").mkdir()
+    assert reproduce.legacy_arguments(["preset=small32", "out=/r", "only=vae_f4,epsvae_f8", "seed=1"], "reproduce") \
+        == ["stage=reproduce", "reproduce=small32", "reproduce.out=/r", "reproduce.only=[vae_f4,epsvae_f8]", "seed=1"]
+    assert reproduce.legacy_arguments([f"preset={tmp_path / 'reproduce' / 'tiny.yaml'}"], "ablation") \
+        == ["stage=ablation", f"hydra.searchpath=[file://{tmp_path}]", "reproduce=tiny"]
+    with pytest.raises(ConfigError, match="reproduce/"):
+        reproduce.legacy_arguments([f"preset={tmp_path / 'tiny.yaml'}"], "reproduce")

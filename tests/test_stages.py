@@ -1,6 +1,7 @@
 """The stages end to end at tiny scale: tokenizer → reconstruct → cache → ldm (also under DeepSpeed) → sample."""
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from shared.data.latents import LatentCache
+from shared.runtime import finished_result
 from shared.metrics.image_io import open_images
 from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
 from shared.train.backends import DEEPSPEED_GLOBALS
@@ -31,7 +33,7 @@ def trained(tmp_path_factory):
     """A tiny tokenizer trained for a few steps and the latent cache of its training split."""
     root = tmp_path_factory.mktemp("stages")
     cfg = load_config(["stage=tokenizer", *TINY], output_root=root)
-    checkpoint = train_tokenizer(cfg, run_dir=root / "tokenizer")
+    checkpoint = Path(train_tokenizer(cfg, run_dir=root / "tokenizer")["checkpoint"])
     cache_cfg = load_config(["stage=cache", *TINY, f"tokenizer.checkpoint={checkpoint}",
                              f"cache.dir={root / 'cache'}"], output_root=root)
     cache_main(cache_cfg)
@@ -46,7 +48,7 @@ def test_tokenizer_run_leaves_checkpoints_grids_and_metrics(trained):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [3, 6, 9, 12]
     assert "disc/loss" in json.dumps(rows[-1]) or any(key.startswith("disc") for key in rows[-1])
-    assert (run / "DONE").exists()
+    assert finished_result(run)["checkpoint"] == str(trained["tokenizer"])  # the stage's result, then its marker
     checkpoint = load_checkpoint(run)
     assert checkpoint["step"] == 12 and set(checkpoint["models"]) == {"tokenizer", "discriminator"}
 
@@ -67,6 +69,7 @@ def test_reconstruct_reports_metrics_and_grid(trained):
     assert np.isfinite(metrics["rfid"]) and metrics["rfid"] > 0
     assert 0 < metrics["psnr"] < 100 and -1 <= metrics["ssim"] <= 1 and metrics["lpips"] > 0
     assert (trained["root"] / "reconstruct" / "reconstructions_nfe1.png").is_file()
+    assert finished_result(trained["root"] / "reconstruct") == metrics
 
 
 @pytest.mark.slow
@@ -91,7 +94,8 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
     monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
     cfg = load_config(["stage=ldm", *TINY, "launcher=deepspeed", f"tokenizer.checkpoint={trained['tokenizer']}"],
                       output_root=trained["root"])
-    checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm_deepspeed")
+    result = train_ldm(cfg, trained["cache"], trained["tokenizer"], run_dir=trained["root"] / "ldm_deepspeed")
+    checkpoint = Path(result["checkpoint"])
     assert (checkpoint.parent / "deepspeed" / "step_000000006").is_dir()
     refuse_code_in(checkpoint.parent / "deepspeed", DEEPSPEED_GLOBALS)  # DeepSpeed's own files pass the scan
     dist.destroy_process_group()
@@ -105,7 +109,8 @@ def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trai
 @pytest.mark.slow
 def test_sample_stage_writes_pngs_grid_npz_and_throughput(trained):
     cfg = load_config(["stage=ldm", *TINY, f"tokenizer.checkpoint={trained['tokenizer']}"], output_root=trained["root"])
-    checkpoint = train_ldm(cfg, cache_dir=trained["cache"], run_dir=trained["root"] / "ldm")
+    result = train_ldm(cfg, trained["cache"], trained["tokenizer"], run_dir=trained["root"] / "ldm")
+    checkpoint = Path(result["checkpoint"])
     # The smoke preset's by-name tokenizer (tokenizer/sampled) does not exist: the error names the DiT's own.
     wrong = run_cli("stage=sample", *TINY, f"ldm.checkpoint={checkpoint.parent.parent}", f"output_root={trained['root']}",
                     "name=sampled", "progress=false", check=False)

@@ -1,10 +1,8 @@
-"""A benchmark's report: the machine and command line it records, the bench's Markdown table, and writing
+"""A benchmark's report: the machine it records, the bench's Markdown table, and writing
 <stem>.json with <stem>.md (also `stage=paper_speed`'s)."""
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,10 +12,6 @@ from shared.runtime import Runtime
 
 def machine(runtime: Runtime) -> dict:
     return describe(runtime.device, str(runtime.autocast_dtype or "fp32"))
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(arg) for arg in [".venv/bin/python", "pipelines/run.py", *sys.argv[1:]])
 
 
 def fraction(value: float | None) -> str:

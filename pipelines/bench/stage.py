@@ -10,14 +10,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines.bench.compare import Context
-from pipelines.bench.report import command_line, machine, markdown, write_report
+from pipelines.bench.report import machine, markdown, write_report
 from pipelines.bench.settings import bench_settings
 from pipelines.bench.suites.dit import bench_dit
 from pipelines.bench.suites.fid_features import bench_fid_features
 from pipelines.bench.suites.loaders import bench_loaders
 from pipelines.bench.suites.tokenizers import bench_tokenizers
 from pipelines.bench.timing import measured_limits
-from pipelines.configs import ROOT
+from pipelines.configs import ROOT, command_line
 from shared.runtime import setup
 
 
@@ -50,5 +50,4 @@ def main(cfg: DictConfig) -> dict:
             write_report(report, ROOT / bench.out)
         print(markdown(report))
         print(json.dumps(report))
-        runtime.mark_done()
-    return report
+        return runtime.finish(report)

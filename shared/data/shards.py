@@ -165,5 +165,4 @@ def main(cfg: DictConfig) -> dict:
                          manifest["total"], len(manifest["shards"]), cfg.shards.out_dir, len(manifest["skipped"]))
         print(f"Read them with:\n  data=webdataset 'data.{split}_urls=\"{manifest['url_pattern']}\"' "
               f"data.num_classes={manifest['num_classes']} data.resolution={cfg.data.resolution}")
-        runtime.mark_done()
-    return manifest
+        return runtime.finish(manifest)

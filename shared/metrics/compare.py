@@ -2,7 +2,7 @@
 
 Each side is a folder of PNG/JPEG images or an ADM-layout .npz. The sets pair up when their names are identical (the
 same relative file stems, or two .npz files of equal length); then the per-image metrics are averaged over pairs.
-Prints one JSON line.
+Prints one JSON line, the result it writes to its run folder.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from shared.metrics.fid import InceptionStatistics, frechet_distance
 from shared.metrics.image_io import ImageSet, open_images
 from shared.metrics.image_quality import psnr, ssim
 from shared.metrics.lpips import LPIPS
-from shared.runtime import resolve_device
+from shared.runtime import setup
 
 
 def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,9 @@ def main(cfg: DictConfig) -> dict:
         if cfg.get(key) is None:
             raise DataError(f"stage=metrics needs {key}=PATH (a folder of PNG/JPEG images or an .npz); "
                             f"usage: python pipelines/run.py stage=metrics real=DIR fake=DIR")
-    result = compare_images(cfg.real, cfg.fake, resolve_device(cfg.device), lpips_net=cfg.lpips_net,
-                            batch_size=cfg.evaluate.batch_size, progress=cfg.progress)
+    with setup(cfg) as runtime:
+        result = compare_images(cfg.real, cfg.fake, runtime.device, lpips_net=cfg.lpips_net,
+                                batch_size=cfg.evaluate.batch_size, progress=cfg.progress)
+        runtime.finish({"real": str(cfg.real), "fake": str(cfg.fake), **result})
     print(json.dumps({"real": str(cfg.real), "fake": str(cfg.fake), **result}), flush=True)
     return result

@@ -8,7 +8,7 @@ keyed by everything that changes them: the data config, split, subset size and s
 
 The gFID comes with its spread over the samples: the standard deviation of `evaluate.bootstrap` bootstrap resamples
 and the normal 95% interval around the estimate (shared/metrics/fid_bootstrap.py). The samples' pool features are
-written beside evaluate.json (features.npy), so two runs' gFIDs can be compared with the same resampling.
+written beside the result (features.npy), so two runs' gFIDs can be compared with the same resampling.
 """
 from __future__ import annotations
 
@@ -162,12 +162,11 @@ def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict
                                 device, cache_dir, settings.batch_size, cfg.progress)
 
 
-def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+def evaluate_to_folder(cfg: DictConfig, samples: str | Path, run_dir: str | Path | None = None) -> dict:
+    """gFID (and what else cfg.evaluate asks for) of the samples at `samples` (a folder of images or an ADM-layout
+    .npz); returns the stage's result."""
     settings = cfg.evaluate
-    if settings.samples is None:
-        raise DataError("evaluate.samples is not set: pass evaluate.samples=PATH (a folder of images or an ADM-layout "
-                        ".npz, e.g. the samples.npz of a stage=sample run)")
-    samples = Path(settings.samples)
+    samples = Path(samples)
     if not samples.exists():
         raise DataError(f"evaluate.samples={samples} does not exist")
     with setup(cfg, run_dir=run_dir) as runtime:
@@ -187,8 +186,15 @@ def main(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                          "reference_subset": reference["subset"], "reference_path": reference["path"]}
         result = {"samples": str(samples), **described, **result}
         np.save(runtime.run_dir / SAMPLE_FEATURES, features.numpy().astype(np.float32))
-        (runtime.run_dir / "evaluate.json").write_text(json.dumps(result, indent=2) + "\n")
+        result["sample_features"] = str(runtime.run_dir / SAMPLE_FEATURES)
         runtime.log_metrics(0, {key: value for key, value in result.items() if isinstance(value, (int, float))})
-        print(json.dumps(result), flush=True)
-        runtime.mark_done()
+        return runtime.finish(result)
+
+
+def main(cfg: DictConfig) -> dict:
+    if cfg.evaluate.samples is None:
+        raise DataError("evaluate.samples is not set: pass evaluate.samples=PATH (a folder of images or an ADM-layout "
+                        ".npz, e.g. the samples.npz of a stage=sample run)")
+    result = evaluate_to_folder(cfg, cfg.evaluate.samples)
+    print(json.dumps(result), flush=True)
     return result
