@@ -413,7 +413,7 @@ def test_a_signal_during_start_up_exits_with_one_line(tmp_path, sig):
 
 def test_metrics_read_every_still_image_format(tmp_path):
     """stage=metrics refused a folder of BMP files; it reads what the image folders read, by the same rules."""
-    from shared.metrics.image_io import FolderImages
+    from shared.data.image_files import FolderImages
 
     colour = (10, 200, 30)
     for fmt, suffix in (("BMP", "bmp"), ("TIFF", "tiff"), ("WEBP", "webp"), ("PNG", "png")):

@@ -8,7 +8,7 @@ import torch
 from shared.errors import DataError
 from shared.metrics.fid import (InceptionStatistics, StatisticsAccumulator, feature_statistics, frechet_distance,
                                 load_statistics, precision_recall, save_statistics)
-from shared.metrics.image_io import NpzWriter, open_images, save_images, write_npz
+from shared.data.image_files import NpzWriter, open_images, save_images, write_npz
 from shared.metrics.inception import InceptionFeatures, load_inception, quantize_to_uint8
 
 

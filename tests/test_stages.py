@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from shared.data.latents import LatentCache
-from shared.metrics.image_io import open_images
+from shared.data.image_files import open_images
 from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
 from shared.train.backends import DEEPSPEED_GLOBALS
 from stage1_tokenizer.reconstruct import reconstruct

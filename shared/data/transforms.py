@@ -66,3 +66,8 @@ def preprocess(image: Image.Image, resolution: int, flip: bool = False) -> torch
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(image)
+
+
+def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in [0, 255] exactly as writing a PNG does: round(clamp((x + 1) * 127.5))."""
+    return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from shared.data.transforms import quantize_to_uint8
 from shared.errors import DataError
+
+# quantize_to_uint8 (float [-1, 1] -> uint8 as a PNG is saved) is an image conversion of shared/data; it is named
+# here too because the Inception reads images only as saved.
+__all__ = ["INCEPTION_SCORE_UNAVAILABLE", "INPUT_SIZE", "InceptionFeatures", "POOL_DIM", "SPATIAL_BLOCK",
+           "SPATIAL_CHANNELS", "load_inception", "quantize_to_uint8", "torchscript_path", "weights_digest"]
 
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -53,11 +59,6 @@ def weights_digest() -> str:
         for block in iter(lambda: weights.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255] exactly as writing a PNG does: round(clamp((x + 1) * 127.5))."""
-    return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
 
 
 class InceptionFeatures(nn.Module):
