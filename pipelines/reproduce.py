@@ -158,10 +158,10 @@ def real_data_floor(cfg) -> dict:
     sample counts, so the table's gFIDs are read against this floor, not against zero."""
     from shared.data.images import make_image_loader
     from shared.data.subsets import evaluation_subset
+    from shared.data.transforms import quantize_to_uint8
     from shared.metrics.evaluate import load_reference_cache
     from shared.metrics.fid import InceptionStatistics
     from shared.metrics.fid_bootstrap import FrechetBootstrap
-    from shared.metrics.inception import quantize_to_uint8
     from shared.runtime import resolve_device
 
     device = resolve_device(cfg.device)

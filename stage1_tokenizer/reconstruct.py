@@ -22,20 +22,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from shared import runtime as runtime_lib
-from shared.runtime import synchronize
+from shared.data.image_files import save_comparison_grid
 from shared.data.images import make_image_loader
 from shared.data.subsets import evaluation_subset
 from shared.errors import ConfigError
-from shared.metrics.fid_bootstrap import FrechetBootstrap
-from shared.metrics.image_io import save_comparison_grid
-from shared.metrics.image_quality import psnr, ssim
-from shared.metrics.inception import load_inception, quantize_to_uint8
-from shared.metrics.intervals import mean_interval
-from shared.metrics.lpips import LPIPS
+from shared.metrics.paired import PairedMetrics, flat_metrics
+from shared.runtime import synchronize
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
-
-PER_IMAGE = ("psnr", "ssim", "lpips")
 
 
 def per_image_path(run_dir: str | Path, nfe: int) -> Path:
@@ -48,9 +42,7 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
                       bootstrap: int = 0, grid_path: Path | None = None, grid_images: int = 16,
                       per_image_file: Path | None = None, progress: bool = False) -> dict:
     subset = evaluation_subset(data_cfg, split, num_images, subset_seed)
-    inception = load_inception(device)
-    lpips = LPIPS(lpips_net).to(device)
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in (*PER_IMAGE, "real_features", "fake_features")}
+    paired = PairedMetrics(device, lpips_net, keep_features=True)
     decode_seconds, grid, seen = 0.0, [], 0
     # Grid images spread evenly over the evaluated images: a split is listed class by class, so the first ones
     # would all be of one class. (A stream's length is unknown: its first images.)
@@ -69,28 +61,18 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
         synchronize(device)
         decode_seconds += time.perf_counter() - began
         reconstructions = reconstructions.float().clamp(-1, 1)
-        values["real_features"].append(inception(quantize_to_uint8(images)).float().cpu())
-        values["fake_features"].append(inception(quantize_to_uint8(reconstructions)).float().cpu())
-        values["psnr"].append(psnr(images, reconstructions).cpu())
-        values["ssim"].append(ssim(images, reconstructions).cpu())
-        values["lpips"].append(lpips(images, reconstructions).flatten().cpu())
+        paired.update(images, reconstructions)
         grid += [(images[i].cpu(), reconstructions[i].cpu()) for i in range(len(images)) if seen + i in grid_positions]
         seen += len(images)
-    arrays = {name: torch.cat(parts).numpy() for name, parts in values.items()}
-    count = len(arrays["psnr"])  # the images actually read: unreadable files are skipped
+    arrays = paired.arrays()
+    count = paired.count  # the images actually read: unreadable files are skipped
     if grid_path is not None and grid:
         originals, reconstructions = (torch.stack(images) for images in zip(*grid[:grid_images]))
         save_comparison_grid(originals, reconstructions, grid_path)
     if per_image_file is not None:
         indices = np.arange(count) if subset.indices is None else subset.indices
         np.savez(per_image_file, index=indices, **arrays)
-    rfid = FrechetBootstrap(arrays["fake_features"], real=arrays["real_features"], device=device).spread(
-        bootstrap, subset_seed)
-    metrics = {"rfid": rfid["fid"], "rfid_std": rfid["std"], "rfid_ci95": rfid["ci95"],
-               "bootstrap_resamples": rfid["resamples"]}
-    for name in PER_IMAGE:
-        interval = mean_interval(arrays[name])
-        metrics[name], metrics[f"{name}_ci95"] = interval["mean"], interval["ci95"]
+    metrics = flat_metrics(paired.result(bootstrap, subset_seed), names={"fid": "rfid"})
     return {**metrics, "decode_images_per_s": count / decode_seconds, "num_images": count, "decoder_nfe": nfe,
             "subset": {**subset.record(), "images": count}, "batch_size": batch_size, "lpips_net": lpips_net}
 

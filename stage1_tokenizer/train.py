@@ -11,9 +11,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared import runtime as runtime_lib
+from shared.data.image_files import save_comparison_grid
 from shared.data.images import make_image_loader
 from shared.errors import ConfigError
-from shared.metrics.image_io import save_comparison_grid
 from shared.train.loop import TrainModule, train
 from shared.train.settings import loop_config, optim_config
 from stage1_tokenizer.objective import build_objective

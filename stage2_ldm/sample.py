@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from shared import runtime as runtime_lib
-from shared.runtime import synchronize
+from shared.data.image_files import open_images, save_image_grid, save_images, write_npz
 from shared.data.latents import LatentStats
 from shared.errors import ConfigError, DataError
-from shared.metrics.image_io import open_images, save_image_grid, save_images, write_npz
+from shared.runtime import synchronize
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage2_ldm.dit import load_dit

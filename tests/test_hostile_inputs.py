@@ -406,7 +406,7 @@ def test_metrics_of_a_resumed_run_have_one_row_per_step(tmp_path):
 
 
 def test_a_manifest_cannot_point_a_shard_outside_its_cache(tmp_path):
-    from shared.data.latents import MANIFEST, FORMAT_VERSION, LatentCache
+    from shared.data.latents import FORMAT_VERSION, MANIFEST, LatentCache
 
     split = tmp_path / "train"
     split.mkdir()
@@ -435,7 +435,7 @@ def test_a_signal_during_start_up_exits_with_one_line(tmp_path, sig):
 
 def test_metrics_read_every_still_image_format(tmp_path):
     """stage=metrics refused a folder of BMP files; it reads what the image folders read, by the same rules."""
-    from shared.metrics.image_io import FolderImages
+    from shared.data.image_files import FolderImages
 
     colour = (10, 200, 30)
     for fmt, suffix in (("BMP", "bmp"), ("TIFF", "tiff"), ("WEBP", "webp"), ("PNG", "png")):

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shared.metrics.image_io import save_comparison_grid
+from shared.data.image_files import save_comparison_grid
 
 
 def test_each_original_sits_above_its_reconstruction(tmp_path):

@@ -5,11 +5,19 @@ import numpy as np
 import pytest
 import torch
 
+from shared.data.image_files import NpzWriter, open_images, save_images, write_npz
+from shared.data.transforms import quantize_to_uint8
 from shared.errors import DataError
-from shared.metrics.fid import (InceptionStatistics, StatisticsAccumulator, feature_statistics, frechet_distance,
-                                load_statistics, precision_recall, save_statistics)
-from shared.metrics.image_io import NpzWriter, open_images, save_images, write_npz
-from shared.metrics.inception import InceptionFeatures, load_inception, quantize_to_uint8
+from shared.metrics.fid import (
+    InceptionStatistics,
+    StatisticsAccumulator,
+    feature_statistics,
+    frechet_distance,
+    load_statistics,
+    precision_recall,
+    save_statistics,
+)
+from shared.metrics.inception import InceptionFeatures, load_inception
 
 
 def gaussian_features(n: int, dim: int, seed: int, shift: float = 0.0) -> np.ndarray:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from shared.data.transforms import quantize_to_uint8
 from shared.errors import ConfigError
 from shared.metrics.image_quality import psnr, ssim
-from shared.metrics.inception import quantize_to_uint8
 from shared.metrics.lpips import LPIPS, torchvision_backbone_state_dict
 
 

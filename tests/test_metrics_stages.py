@@ -8,12 +8,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tests.helpers import load_config, run_cli
+from shared.data.image_files import open_images, save_images, write_npz
+from shared.data.transforms import quantize_to_uint8
 from shared.errors import DataError
 from shared.metrics import compare, evaluate
 from shared.metrics.fid import InceptionStatistics, frechet_distance, save_statistics
-from shared.metrics.image_io import open_images, save_images, write_npz
 from shared.metrics.image_quality import psnr
+from shared.metrics.paired import PairedMetrics, flat_metrics
+from tests.helpers import load_config, run_cli
 
 
 def random_images(count: int, size: int, seed: int) -> torch.Tensor:
@@ -81,6 +83,25 @@ def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path)
     cfg = load_config(["stage=metrics", f"real={tmp_path / 'small'}", "device=cpu"], tmp_path)
     with pytest.raises(DataError, match="fake="):
         compare.main(cfg)
+
+
+def test_paired_metrics_see_float_images_as_saved_and_lay_out_the_stage_keys():
+    real = random_images(4, 32, seed=8)
+    fake = (real + 0.1 * random_images(4, 32, seed=9)).clamp(-1, 1)
+    as_float, as_saved = (PairedMetrics("cpu", keep_features=True) for _ in range(2))
+    as_float.update(real[:3], fake[:3])
+    as_float.update(real[3:], fake[3:])
+    as_saved.update(quantize_to_uint8(real), quantize_to_uint8(fake))
+    floats, saved = as_float.arrays(), as_saved.arrays()
+    assert list(floats) == ["psnr", "ssim", "lpips", "real_features", "fake_features"] and as_float.count == 4
+    for name in ("psnr", "ssim"):  # of the saved images either way
+        np.testing.assert_array_equal(floats[name], saved[name])
+    np.testing.assert_allclose(floats["real_features"], saved["real_features"], rtol=1e-4, atol=1e-4)
+    summary = as_float.result(bootstrap=10, seed=0)
+    assert summary["psnr"]["n"] == 4 and summary["fid"]["resamples"] == 10
+    assert list(flat_metrics(summary, names={"fid": "rfid"})) == [
+        "rfid", "rfid_std", "rfid_ci95", "bootstrap_resamples", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips",
+        "lpips_ci95"]
 
 
 # ------------------------------------------------------------------------------------------ stage=evaluate

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shared.data.image_files import open_images
 from shared.data.latents import LatentCache
 from shared.runtime import finished_result
-from shared.metrics.image_io import open_images
-from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
 from shared.train.backends import DEEPSPEED_GLOBALS
+from shared.train.checkpoint import CheckpointDir, load_checkpoint, refuse_code_in
 from stage1_tokenizer.reconstruct import reconstruct
 from stage1_tokenizer.tokenizer import load_tokenizer
 from stage1_tokenizer.train import train_tokenizer

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-
 # Still-image formats read from folders and shards (file extensions; also the webdataset image keys).
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 # Transparent pixels are shown on white: what browsers and image viewers show for a transparent PNG.
@@ -66,3 +65,8 @@ def preprocess(image: Image.Image, resolution: int, flip: bool = False) -> torch
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return to_tensor(image)
+
+
+def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 in [0, 255] exactly as writing a PNG does: round(clamp((x + 1) * 127.5))."""
+    return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)

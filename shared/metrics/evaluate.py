@@ -21,12 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from shared.data.image_files import open_images
 from shared.data.subsets import EvaluationSubset, evaluation_subset
+from shared.data.transforms import quantize_to_uint8
 from shared.errors import DataError
 from shared.metrics.fid import InceptionStatistics, frechet_distance, precision_recall, save_statistics
-from shared.metrics.fid_bootstrap import FrechetBootstrap
-from shared.metrics.image_io import open_images
-from shared.metrics.inception import INCEPTION_SCORE_UNAVAILABLE, quantize_to_uint8, weights_digest
+from shared.metrics.inception import INCEPTION_SCORE_UNAVAILABLE, weights_digest
+from shared.metrics.paired import fid_spread, flat_metrics
 from shared.runtime import setup
 
 # Data keys that change how fast images load, not which images: left out of the cache fingerprint.
@@ -112,11 +113,8 @@ def _npz_reference(path: Path, device: torch.device, want_features: bool, batch_
 
 def _image_set_statistics(path: str | Path, device: torch.device, spatial: bool, keep_features: bool,
                           batch_size: int, progress: bool) -> InceptionStatistics:
-    images = open_images(path)
     stats = InceptionStatistics(device, spatial=spatial, keep_features=keep_features)
-    for _, batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size),
-                         desc=f"Inception {Path(path).name}", disable=not progress):
-        stats.update(batch)
+    stats.update_from_set(open_images(path), batch_size, progress)
     return stats
 
 
@@ -134,9 +132,8 @@ def evaluate_samples(samples_path: str | Path, mu_ref: np.ndarray, sigma_ref: np
     stats = _image_set_statistics(samples_path, device, spatial=spatial_ref is not None, keep_features=True,
                                   batch_size=batch_size, progress=progress)
     features = stats.features()
-    spread = FrechetBootstrap(features, reference=(mu_ref, sigma_ref), device=device).spread(bootstrap, seed)
-    result = {"fid": spread["fid"], "fid_std": spread["std"], "fid_ci95": spread["ci95"],
-              "bootstrap_resamples": spread["resamples"], "num_samples": stats.count,
+    fid = fid_spread(features, reference=(mu_ref, sigma_ref), device=device, bootstrap=bootstrap, seed=seed)
+    result = {**flat_metrics({"fid": fid}), "num_samples": stats.count,
               "not_computed": {"inception_score": INCEPTION_SCORE_UNAVAILABLE}}
     if spatial_ref is not None:
         result["sfid"] = frechet_distance(*spatial_ref, *stats.spatial.statistics())

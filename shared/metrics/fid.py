@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from shared.errors import DataError
 from shared.metrics.inception import load_inception
-
 
 
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -170,6 +170,12 @@ class InceptionStatistics:
         self.pool.update(pool)
         if self._features is not None:
             self._features.append(pool.float().cpu())
+
+    def update_from_set(self, images, batch_size: int, progress: bool = False) -> None:
+        """Every image of an image set (shared.data.image_files.ImageSet: a folder or an .npz), in order."""
+        for _, batch in tqdm(images.batches(batch_size), total=-(-len(images) // batch_size),
+                             desc=f"Inception {images.path.name}", disable=not progress):
+            self.update(batch)
 
     def features(self) -> torch.Tensor:
         """(N, 2048) pool features seen so far."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shared.metrics.inception import quantize_to_uint8
+from shared.data.transforms import quantize_to_uint8
 
 DATA_RANGE = 255.0
 # Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03.

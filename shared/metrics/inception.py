@@ -55,11 +55,6 @@ def weights_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def quantize_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 in [0, 255] exactly as writing a PNG does: round(clamp((x + 1) * 127.5))."""
-    return ((images.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
-
-
 class InceptionFeatures(nn.Module):
     """uint8 images (B, 3, H, W) -> Inception pool features (B, 2048) [and sFID features (B, 2023)].
 

@@ -1,4 +1,5 @@
-"""Image sets on disk for the metrics: folders of PNG/JPEG and ADM-layout .npz files (`arr_0`: uint8 N x H x W x 3).
+"""Image sets on disk: folders of PNG/JPEG and ADM-layout .npz files (`arr_0`: uint8 N x H x W x 3), read as the
+metrics read them and written as stage=sample writes them, plus PNG grids.
 
 Reading yields uint8 batches (B, 3, H, W) with names for pairing: a folder's names are file paths relative to it
 without suffix ("n01440764/ILSVRC2012_val_00000293"); an .npz's are zero-padded indices ("000017"). Writing takes
@@ -16,9 +17,8 @@ import torch
 import torchvision
 from PIL import Image, UnidentifiedImageError
 
-from shared.data.transforms import IMAGE_EXTENSIONS, to_rgb
+from shared.data.transforms import IMAGE_EXTENSIONS, quantize_to_uint8, to_rgb
 from shared.errors import DataError
-from shared.metrics.inception import quantize_to_uint8
 
 NPZ_IMAGES = "arr_0.npy"
 NPZ_LABELS = "arr_1.npy"
