@@ -25,22 +25,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipelines.bench.report import machine, write_report
 from pipelines.bench.sd_vae import sd_vae_config
-from pipelines.bench.timing import count_flops, timed_call
+from pipelines.bench.settings import LATENT_CHANNELS, NUM_CLASSES
+from pipelines.bench.timing import count_flops, fastest_seconds
 from pipelines.configs import ROOT, command_line, group_config
 from shared.runtime import Runtime, setup
 from stage1_tokenizer.tokenizer import build_tokenizer
 from stage2_ldm.dit import build_dit
 
-LATENT_CHANNELS = 4
-NUM_CLASSES = 1000
 
-
-def fastest_seconds(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls after `warmup` untimed ones: slower calls measure other load."""
+def seconds_per_call(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> float:
+    """The fastest call's seconds, in inference mode under the run's precision."""
     with torch.inference_mode(), runtime.autocast():
-        for _ in range(warmup):
-            call()
-        return min(timed_call(call, runtime.device) for _ in range(repeats))
+        return fastest_seconds(call, runtime.device, warmup, repeats)
 
 
 def flops_per_image(make_call: Callable[[int], Callable[[], object]], runtime: Runtime) -> int:
@@ -134,13 +130,13 @@ def measure_parts(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -
     parts = {"dit": {}, "decoders": {decoder.label: {} for decoder in settings.decoders}}
     for f in settings.compressions:
         make_call, params = dit_step(ldm_cfg, settings.image_size // f, runtime)
-        parts["dit"][str(f)] = {"seconds": fastest_seconds(make_call(batch), runtime, warmup, repeats),
+        parts["dit"][str(f)] = {"seconds": seconds_per_call(make_call(batch), runtime, warmup, repeats),
                                 "flops": flops_per_image(make_call, runtime), "params": params}
         runtime.log.info("DiT f%d: %.3f s per step at batch %d", f, parts["dit"][str(f)]["seconds"], batch)
         for decoder in settings.decoders:
             make_call = decoder_pass(decoder_config(decoder, f), settings.image_size, runtime)
             parts["decoders"][decoder.label][str(f)] = {
-                "seconds": fastest_seconds(make_call(batch), runtime, warmup, repeats),
+                "seconds": seconds_per_call(make_call(batch), runtime, warmup, repeats),
                 "flops": flops_per_image(make_call, runtime)}
             runtime.log.info("%s f%d: %.3f s per pass at batch %d", decoder.label, f,
                              parts["decoders"][decoder.label][str(f)]["seconds"], batch)

@@ -42,13 +42,17 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def best_flops_per_second(fn: Callable[[], object], flops: int, device: torch.device, warmup: int,
-                          repeats: int) -> float:
-    """FLOP/s of `fn` from its fastest call: a limit is the best the machine does; slower calls measure other
-    processes on a shared machine."""
+def fastest_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls after `warmup` untimed ones: slower calls measure other load."""
     for _ in range(warmup):
         fn()
-    return flops / min(timed_call(fn, device) for _ in range(repeats))
+    return min(timed_call(fn, device) for _ in range(repeats))
+
+
+def best_flops_per_second(fn: Callable[[], object], flops: int, device: torch.device, warmup: int,
+                          repeats: int) -> float:
+    """FLOP/s of `fn` from its fastest call: a limit is the best the machine does."""
+    return flops / fastest_seconds(fn, device, warmup, repeats)
 
 
 @torch.no_grad()
