@@ -1,4 +1,7 @@
 """stage=reproduce: the presets load, the claims are computed from the rows the preset names, outputs."""
+import json
+import shlex
+
 import numpy as np
 import pytest
 
@@ -6,7 +9,8 @@ from pipelines import reproduce
 from pipelines.configs import group_config
 from shared.errors import ConfigError
 from shared.metrics.fid import save_statistics
-from tests.helpers import load_config
+from shared.runtime import finished_result
+from tests.helpers import load_config, run_cli
 
 
 def row(tmp_path, slug, psnr_offset, sample_shift, total, rfid_by_nfe, reference="reference.npz"):
@@ -143,3 +147,36 @@ def test_the_older_command_line_becomes_the_stage_s(tmp_path):
         == ["stage=ablation", f"hydra.searchpath=[file://{tmp_path}]", "reproduce=tiny"]
     with pytest.raises(ConfigError, match="reproduce/"):
         reproduce.legacy_arguments([f"preset={tmp_path / 'tiny.yaml'}"], "reproduce")
+
+
+@pytest.mark.slow
+def test_a_tiny_reproduction_runs_as_a_stage_and_tabulates_its_claims(tmp_path):
+    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
+    (tmp_path / "presets" / "reproduce" / "tiny.yaml").write_text("""
+experiment: smoke
+common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
+         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
+         ldm.train.batch_size: 16, ldm.train.sample_every: 100, ldm.train.ckpt_every: 100, reconstruct.num_images: 20,
+         sample.num_per_class: 2, sample.steps: 3, decode.nfe: 1, decode.batch_size: 10, evaluate.bootstrap: 10,
+         evaluate.reference_images: 40}
+tokenizers:
+  - {label: "VAE", slug: vae, tokenizer: vae_tiny, overrides: []}
+  - {label: "eps", slug: eps, tokenizer: epsvae_tiny, overrides: []}
+nfe_sweep: [1, 2]
+claims:
+  equal_compression: {baseline: vae, ours: eps}
+""")
+    out = tmp_path / "results"
+    arguments = ["stage=reproduce", "reproduce=tiny", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
+                 f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
+                 "device=cpu"]
+    run_cli(*arguments, timeout=1800)
+    results = json.loads((out / "results.json").read_text())
+    assert [row["slug"] for row in results["rows"]] == ["vae", "eps"]
+    assert list(results["rows"][0]["rfid_by_nfe"]) == ["1"] and list(results["rows"][1]["rfid_by_nfe"]) == ["1", "2"]
+    # the sweep's other NFE is one more reconstruct stage, in its own folder, by the contract
+    assert finished_result(tmp_path / "pipeline" / "reproduce_tiny_eps" / "reconstruct_nfe2")["decoder_nfe"] == 2
+    assert {claim["metric"] for claim in results["claims"]} == {"rfid", "psnr", "lpips", "gfid"}
+    assert results["real_data_floor"]["fid"] > 0
+    assert shlex.split(results["meta"]["command"]) == [".venv/bin/python", "pipelines/run.py", *arguments]
+    assert "## Claims" in (out / "table.md").read_text() and (out / "gfid_vs_throughput.png").is_file()
