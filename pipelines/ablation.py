@@ -29,7 +29,6 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipelines.configs import command_line  # noqa: E402
@@ -37,6 +36,7 @@ from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
     chosen_preset, compare, machine, results_folder, run_config, run_legacy_command, selected_rows)
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
+from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 
 def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
@@ -57,25 +57,6 @@ def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict,
     return configs
 
 
-def reconstruct_on_grid(cfg: DictConfig, checkpoint: str, run_dir: Path) -> dict:
-    """A reconstruct stage with the tokenizer at `checkpoint` decoding on cfg's sampling grid instead of its own."""
-    from shared import runtime as runtime_lib
-    from stage1_tokenizer.reconstruct import per_image_path, reconstruct_split
-    from stage1_tokenizer.tokenizer import load_tokenizer
-
-    with runtime_lib.setup(cfg, run_dir=run_dir) as runtime:
-        tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
-        tokenizer.grid = cfg.tokenizer.flow.grid  # the one thing this rung changes
-        torch.manual_seed(cfg.seed)
-        metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
-                                    nfe=cfg.decode.nfe, batch_size=cfg.decode.batch_size, device=runtime.device,
-                                    autocast=runtime.autocast, lpips_net=cfg.lpips_net,
-                                    subset_seed=cfg.evaluate.subset_seed, bootstrap=cfg.evaluate.bootstrap,
-                                    grid_path=run_dir / f"reconstructions_nfe{cfg.decode.nfe}.png",
-                                    per_image_file=per_image_path(run_dir, cfg.decode.nfe))
-        return runtime.finish({**metrics, "checkpoint": checkpoint, "grid": tokenizer.grid})
-
-
 def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
     """Train (or, decode_only, reuse the tokenizer of `trained`, the last trained rung) and reconstruct: the
     reconstruction metrics and the rung's pipeline folder."""
@@ -84,7 +65,9 @@ def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
         return pipeline.run()["reconstruction"], pipeline
     pipeline.check_config()
     checkpoint = trained.result("tokenizer")["checkpoint"]
-    return pipeline.run_step("reconstruct", lambda folder: reconstruct_on_grid(cfg, checkpoint, folder)), pipeline
+    # the one thing this rung changes: the sampling grid its predecessor's tokenizer decodes on
+    return pipeline.run_step("reconstruct", lambda folder: reconstruct(cfg, checkpoint, folder,
+                                                                      grid=cfg.tokenizer.flow.grid)), pipeline
 
 
 def row_of(rung: dict, cfg, reconstruction: dict, pipeline: Pipeline) -> dict:

@@ -28,7 +28,7 @@ from shared.errors import ConfigError, DataError
 from shared.dit_blocks import NORM_EPS
 from shared.foreign_weights import DIFFUSERS_CONFIG, read_diffusers_model, read_state_dict, save_diffusers_folder
 from shared.runtime import setup
-from shared.train.checkpoint import (CheckpointDir, atomic_save, load_model_state, load_weights, resolve_checkpoint,
+from shared.train.checkpoint import (CheckpointDir, atomic_save, load_weights, network_state, resolve_checkpoint,
                                      save_weights_folder)
 from stage1_tokenizer.convert import AUTOENCODER_CLASS, autoencoder_from_vae, vae_from_autoencoder
 from stage1_tokenizer.tokenizer import build_tokenizer
@@ -179,7 +179,7 @@ def export_weights(cfg: DictConfig) -> dict:
     network = next((name for name in ("tokenizer", "dit") if name in checkpoint.get("models", {})), None)
     if network is None:
         raise DataError(f"export.source={settings.source} holds neither a tokenizer nor a DiT")
-    state, config = load_model_state(settings.source, network, use_ema=bool(cfg.decode.use_ema))
+    state, config = network_state(checkpoint, network, bool(cfg.decode.use_ema), settings.source)
     model = build_network(network, config).eval()
     model.load_state_dict(state)
     exported_config, exported_state = converted_for_export(settings, network, model, config, state)

@@ -190,9 +190,7 @@ class Runtime:
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) != len(lines):
-            temporary = path.with_name(f".{path.name}.tmp")
-            temporary.write_text("".join(kept))
-            os.replace(temporary, path)
+            _write_atomically(path, "".join(kept))
 
     def save_config(self) -> None:
         """Record the config in the run folder: once the run is accepted (a new folder, a resume whose checkpoint

@@ -77,12 +77,16 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
             "subset": {**subset.record(), "images": count}, "batch_size": batch_size, "lpips_net": lpips_net}
 
 
-def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | None = None) -> dict:
+def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | None = None,
+                grid: str | None = None) -> dict:
     """Reconstruct with the tokenizer at `checkpoint` (a file or a stage=tokenizer run folder); returns the stage's
-    result, the metrics at decoder NFE `decode.nfe`."""
+    result, the metrics at decoder NFE `decode.nfe`. grid: a diffusion decoder's sampling grid to decode on instead
+    of the one it was trained with (the ablation's decode-only rungs)."""
     with runtime_lib.setup(cfg, run_dir=run_dir) as runtime:
         checkpoint = resolve_checkpoint(checkpoint)
         tokenizer = load_tokenizer(checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
+        if grid is not None:
+            tokenizer.grid = grid
         torch.manual_seed(cfg.seed)
         nfe = cfg.decode.nfe
         metrics = reconstruct_split(tokenizer, cfg.data, cfg.reconstruct.split, num_images=cfg.reconstruct.num_images,
@@ -93,7 +97,7 @@ def reconstruct(cfg: DictConfig, checkpoint: str | Path, run_dir: str | Path | N
                                     grid_images=cfg.reconstruct.grid_images,
                                     per_image_file=per_image_path(runtime.run_dir, nfe), progress=cfg.progress)
         metrics.update(tokenizer=type(tokenizer).__name__, checkpoint=str(checkpoint), use_ema=bool(cfg.decode.use_ema),
-                       device=str(runtime.device))
+                       device=str(runtime.device), grid=getattr(tokenizer, "grid", None))
         runtime.log.info("reconstruction: %s", json.dumps(metrics))
         return runtime.finish(metrics)
 

@@ -39,9 +39,9 @@ FINGERPRINT_ELEMENTS = 1024
 
 def tokenizer_fingerprint(checkpoint_path: str | Path, use_ema: bool = True) -> str:
     """sha256 of a tokenizer checkpoint's config, step, weight set (EMA or not) and the leading elements of each
-    weight tensor of its "tokenizer" network: the weights alone, so the same in either checkpoint layout. Cheap: the
-    weights are memory-mapped and only those prefixes are read. checkpoint_path: a checkpoint file or a run folder
-    (its newest checkpoint), as load_tokenizer takes."""
+    weight tensor of its "tokenizer" network: the weights alone, so the same in either checkpoint layout (a
+    single-file checkpoint is memory-mapped, so only those prefixes are read from it; a .safetensors is read whole).
+    checkpoint_path: a checkpoint file or a run folder (its newest checkpoint), as load_tokenizer takes."""
     path = resolve_checkpoint(checkpoint_path)
     checkpoint = load_weights(path, mmap=True)
     weight_set = "ema" if use_ema and "tokenizer" in checkpoint.get("ema", {}) else "models"

@@ -65,8 +65,8 @@ def main(cfg: DictConfig) -> dict:
             raise DataError(f"stage=metrics needs {key}=PATH (a folder of PNG/JPEG images or an .npz); "
                             f"usage: python pipelines/run.py stage=metrics real=DIR fake=DIR")
     with setup(cfg) as runtime:
-        result = compare_images(cfg.real, cfg.fake, runtime.device, lpips_net=cfg.lpips_net,
-                                batch_size=cfg.evaluate.batch_size, progress=cfg.progress)
-        runtime.finish({"real": str(cfg.real), "fake": str(cfg.fake), **result})
-    print(json.dumps({"real": str(cfg.real), "fake": str(cfg.fake), **result}), flush=True)
+        result = runtime.finish({"real": str(cfg.real), "fake": str(cfg.fake),
+                                 **compare_images(cfg.real, cfg.fake, runtime.device, lpips_net=cfg.lpips_net,
+                                                  batch_size=cfg.evaluate.batch_size, progress=cfg.progress)})
+    print(json.dumps(result), flush=True)
     return result

@@ -311,7 +311,12 @@ def load_model_state(path: str | Path, name: str, use_ema: bool = True) -> tuple
 
     The EMA weights are returned when present and asked for.
     """
-    checkpoint = load_weights(path)
+    return network_state(load_weights(path), name, use_ema, path)
+
+
+def network_state(checkpoint: dict, name: str, use_ema: bool, path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, model config) of network `name` in a checkpoint dict read from `path` (for the error message):
+    its EMA weights when present and asked for."""
     models = checkpoint.get("models", {})
     source = checkpoint["ema"] if use_ema and name in checkpoint.get("ema", {}) else models
     if name not in source:
