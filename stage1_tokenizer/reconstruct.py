@@ -42,7 +42,7 @@ def reconstruct_split(tokenizer, data_cfg: DictConfig, split: str, *, num_images
                       bootstrap: int = 0, grid_path: Path | None = None, grid_images: int = 16,
                       per_image_file: Path | None = None, progress: bool = False) -> dict:
     subset = evaluation_subset(data_cfg, split, num_images, subset_seed)
-    paired = PairedMetrics(device, lpips_net, keep_features=True)
+    paired = PairedMetrics(device, lpips_net)
     decode_seconds, grid, seen = 0.0, [], 0
     # Grid images spread evenly over the evaluated images: a split is listed class by class, so the first ones
     # would all be of one class. (A stream's length is unknown: its first images.)

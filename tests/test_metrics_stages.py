@@ -58,19 +58,43 @@ def test_metrics_main_prints_exactly_one_json_line(tmp_path, capsys):
     assert {"fid", "psnr", "ssim", "lpips"} <= set(printed) and printed["fid"] == pytest.approx(returned["fid"])
 
 
-def test_compare_images_without_matching_names_gives_fid_only(tmp_path):
+def test_compare_images_without_matching_names_gives_the_fid_of_the_fake_set_against_the_real_one(tmp_path):
     save_images(random_images(3, 32, seed=2), tmp_path / "a", ["x", "y", "z"])
     write_npz(tmp_path / "b.npz", random_images(4, 48, seed=3))  # other names and size: fine for FID
-    result = compare.compare_images(tmp_path / "a", tmp_path / "b.npz", "cpu")
+    result = compare.compare_images(tmp_path / "a", tmp_path / "b.npz", "cpu", bootstrap=20)
     assert not result["paired"] and "psnr" not in result and "lpips" not in result
     assert result["num_real"] == 3 and result["num_fake"] == 4 and result["fid"] > 0
+    # `real` is the reference, as stage=evaluate's: the same figure and spread as the fake set evaluated against the
+    # real set's statistics.
+    real = InceptionStatistics("cpu")
+    real.update_from_set(open_images(tmp_path / "a"), batch_size=2)
+    as_evaluated, _ = evaluate.evaluate_samples(tmp_path / "b.npz", *real.pool.statistics(), "cpu", bootstrap=20)
+    for key in ("fid", "fid_std", "bootstrap_resamples"):
+        assert result[key] == pytest.approx(as_evaluated[key])
+    assert result["fid_std"] > 0 and result["fid_ci95"][0] < result["fid"] < result["fid_ci95"][1]
 
 
-def test_compare_images_of_a_set_with_itself_is_perfect(tmp_path):
+def test_compare_images_of_a_set_with_itself_is_perfect_and_counts_its_identical_pairs(tmp_path):
     real, _ = image_folders(tmp_path, count=3)
-    result = compare.compare_images(real, real, "cpu", lpips_net="alex")
-    assert abs(result["fid"]) < 1e-3
-    assert result["psnr"] == float("inf") and result["ssim"] == pytest.approx(1.0) and result["lpips"] < 1e-6
+    result = compare.compare_images(real, real, "cpu", lpips_net="alex", bootstrap=10)
+    assert abs(result["fid"]) < 1e-3 and result["fid_std"] < 1e-3
+    # every PSNR is +inf, which has no place in a mean: no PSNR, and the pairs that were identical
+    assert result["psnr"] is None and result["psnr_ci95"] is None and result["identical_pairs"] == 3
+    assert result["ssim"] == pytest.approx(1.0) and result["lpips"] < 1e-6
+
+
+def test_compare_images_of_pairs_gives_means_with_intervals_and_leaves_identical_pairs_out(tmp_path):
+    real, fake = image_folders(tmp_path, count=4)
+    names = [f"class_{i % 2}/image_{i}" for i in range(4)]
+    save_images(open_images(real).read(0, 1), fake, names[:1])  # pair 0 now identical
+    result = compare.compare_images(real, fake, "cpu", bootstrap=20)
+    per_pair = psnr(open_images(real).read(0, 4), open_images(fake).read(0, 4))
+    assert per_pair[0] == float("inf") and result["identical_pairs"] == 1
+    assert result["psnr"] == pytest.approx(per_pair[1:].mean().item())
+    for name in ("psnr", "ssim", "lpips"):
+        low, high = result[f"{name}_ci95"]
+        assert low < result[name] < high
+    assert result["fid_std"] > 0 and result["bootstrap_resamples"] == 20
 
 
 def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path):
@@ -88,7 +112,7 @@ def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path)
 def test_paired_metrics_see_float_images_as_saved_and_lay_out_the_stage_keys():
     real = random_images(4, 32, seed=8)
     fake = (real + 0.1 * random_images(4, 32, seed=9)).clamp(-1, 1)
-    as_float, as_saved = (PairedMetrics("cpu", keep_features=True) for _ in range(2))
+    as_float, as_saved = (PairedMetrics("cpu") for _ in range(2))
     as_float.update(real[:3], fake[:3])
     as_float.update(real[3:], fake[3:])
     as_saved.update(quantize_to_uint8(real), quantize_to_uint8(fake))

@@ -1,8 +1,14 @@
 """`stage=metrics real=DIR fake=DIR`: FID between two image sets and, for paired sets, PSNR / SSIM / LPIPS.
 
 Each side is a folder of PNG/JPEG images or an ADM-layout .npz. The sets pair up when their names are identical (the
-same relative file stems, or two .npz files of equal length); then the per-image metrics are averaged over pairs.
-Prints one JSON line, the result it writes to its run folder.
+same relative file stems, or two .npz files of equal length). Every figure comes with its spread, by the rules of
+the stages that produce such sets:
+- paired sets (originals and reconstructions, as stage=reconstruct): the FID's bootstrap resamples draw the same pairs
+  of both sides (rFID); PSNR / SSIM / LPIPS are means over pairs with their Student-t 95% intervals. An identical
+  pair's PSNR is +inf and has no place in a mean: such pairs are counted in `identical_pairs` and left out of it.
+- other sets (samples against real images, as stage=evaluate): `real` is the reference, its statistics fixed, and
+  the FID's bootstrap resamples the `fake` images (gFID).
+`evaluate.bootstrap` resamples (0: no spread). Prints one JSON line, the result it writes to its run folder.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from tqdm import tqdm
 
 from shared.data.image_files import ImageSet, open_images
 from shared.errors import DataError
-from shared.metrics.paired import PairedMetrics
+from shared.metrics.fid import InceptionStatistics
+from shared.metrics.paired import PairedMetrics, fid_spread, flat_metrics
 from shared.runtime import setup
 
 
@@ -35,27 +42,28 @@ def _paired_pass(real: ImageSet, fake: ImageSet, metrics: PairedMetrics, batch_s
 
 
 def compare_images(real: str | Path, fake: str | Path, device: torch.device | str, lpips_net: str = "alex",
-                   batch_size: int = 64, progress: bool = False) -> dict:
-    """{"fid", "num_real", "num_fake", "paired"} and, when paired, {"psnr", "ssim", "lpips", "lpips_net"}: the
-    paired metrics averaged over every pair.
-
-    psnr is +inf when a pair is identical (see `image_quality.psnr`), so also when every pair is.
-    """
+                   batch_size: int = 64, progress: bool = False, bootstrap: int = 0, seed: int = 0) -> dict:
+    """{"num_real", "num_fake", "paired", "fid", "fid_std", "fid_ci95", "bootstrap_resamples"} and, when paired,
+    {"psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips", "lpips_ci95", "identical_pairs", "lpips_net"} (see the
+    module's docstring). bootstrap: resamples for the FID's spread, drawn from `seed`."""
     device = torch.device(device)
     real_set, fake_set = open_images(real), open_images(fake)
     paired = real_set.names == fake_set.names
-    if paired:
-        _check_pairable(real_set, fake_set)
-    metrics = PairedMetrics(device, lpips_net, paired=paired)
     result = {"num_real": len(real_set), "num_fake": len(fake_set), "paired": paired}
     if paired:
+        _check_pairable(real_set, fake_set)
+        metrics = PairedMetrics(device, lpips_net)
         _paired_pass(real_set, fake_set, metrics, batch_size, progress)
-        result.update({name: float(np.mean(values, dtype=np.float64)) for name, values in metrics.per_image().items()})
+        result.update(flat_metrics(metrics.result(bootstrap, seed)))
+        result["identical_pairs"] = int(np.isinf(metrics.per_image()["psnr"]).sum())
         result["lpips_net"] = lpips_net
-    else:
-        metrics.real.update_from_set(real_set, batch_size, progress)
-        metrics.fake.update_from_set(fake_set, batch_size, progress)
-    result["fid"] = metrics.fid()["value"]
+        return result
+    reference = InceptionStatistics(device)
+    reference.update_from_set(real_set, batch_size, progress)
+    samples = InceptionStatistics(device, keep_features=True)
+    samples.update_from_set(fake_set, batch_size, progress)
+    result.update(flat_metrics({"fid": fid_spread(samples.features(), reference=reference.pool.statistics(),
+                                                  device=device, bootstrap=bootstrap, seed=seed)}))
     return result
 
 
@@ -67,6 +75,7 @@ def main(cfg: DictConfig) -> dict:
     with setup(cfg) as runtime:
         result = runtime.finish({"real": str(cfg.real), "fake": str(cfg.fake),
                                  **compare_images(cfg.real, cfg.fake, runtime.device, lpips_net=cfg.lpips_net,
-                                                  batch_size=cfg.evaluate.batch_size, progress=cfg.progress)})
+                                                  batch_size=cfg.evaluate.batch_size, progress=cfg.progress,
+                                                  bootstrap=cfg.evaluate.bootstrap, seed=cfg.evaluate.subset_seed)})
     print(json.dumps(result), flush=True)
     return result

@@ -144,7 +144,8 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
 class InceptionStatistics:
     """Streams uint8 image batches through the FID Inception into running pool (and sFID) statistics.
 
-    keep_features: also keep the (N, 2048) pool features (float32, CPU) for precision/recall.
+    keep_features: also keep the (N, 2048) pool features (float32, CPU), for the FID's bootstrap spread and
+    precision/recall.
     """
 
     def __init__(self, device: torch.device | str, spatial: bool = False, keep_features: bool = False):

@@ -1,7 +1,7 @@
 """Paired image metrics, accumulated batch by batch: per-image PSNR / SSIM / LPIPS of (real, fake) pairs, the
 Inception features of both sides, and their FID with its bootstrap spread.
 
-    metrics = PairedMetrics(device, lpips_net="alex", keep_features=True)
+    metrics = PairedMetrics(device, lpips_net="alex")
     for real, fake in pairs:                       # float (B, 3, H, W) in [-1, 1] or uint8, row i of each a pair
         metrics.update(real, fake)
     summary = metrics.result(bootstrap=200, seed=0)   # {"fid": {"value", "std", "ci95", "resamples"},
@@ -11,12 +11,11 @@ Inception features of both sides, and their FID with its bootstrap spread.
 
 stage=reconstruct (originals and their reconstructions) and stage=metrics (two image sets whose names pair up) use
 it. Sets that do not pair (stage=metrics with other names, stage=evaluate's samples against reference statistics)
-use only its feature side, `real` / `fake` (shared.metrics.fid.InceptionStatistics), and `fid_spread`.
+use shared.metrics.fid.InceptionStatistics and `fid_spread` against fixed reference statistics.
 
 Inception, PSNR and SSIM see the images as saved PNGs (uint8, `quantize_to_uint8`); LPIPS sees them in [-1, 1]
-(float images as given, uint8 as x / 127.5 - 1). The FID is that of the kept features with its bootstrap spread
-(shared/metrics/fid_bootstrap.py: a resample takes the same pairs of both sides) when `keep_features`, else that of
-the streamed statistics (O(D²) memory for any number of images), without a spread.
+(float images as given, uint8 as x / 127.5 - 1). Both sides' (N, 2048) pool features are kept: the FID's bootstrap
+spread needs them (shared/metrics/fid_bootstrap.py: a resample takes the same pairs of both sides).
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from shared.data.transforms import quantize_to_uint8
-from shared.metrics.fid import InceptionStatistics, frechet_distance
+from shared.metrics.fid import InceptionStatistics
 from shared.metrics.fid_bootstrap import FrechetBootstrap
 from shared.metrics.image_quality import psnr, ssim
 from shared.metrics.intervals import mean_interval
@@ -68,31 +67,23 @@ def flat_metrics(result: dict, names: dict[str, str] | None = None) -> dict:
 
 
 class PairedMetrics:
-    """Per-image PSNR / SSIM / LPIPS of image pairs and the Inception features of both sides.
+    """Per-image PSNR / SSIM / LPIPS of image pairs and the Inception features of both sides."""
 
-    paired=False: no pairs, so no LPIPS network either; feed `real` and `fake` (InceptionStatistics) directly.
-    keep_features: keep the (N, 2048) pool features of both sides, for the FID's bootstrap spread and `arrays`.
-    """
-
-    def __init__(self, device: torch.device | str, lpips_net: str = "alex", keep_features: bool = False,
-                 paired: bool = True):
+    def __init__(self, device: torch.device | str, lpips_net: str = "alex"):
         self.device = torch.device(device)
-        self.keep_features = keep_features
-        self.real = InceptionStatistics(self.device, keep_features=keep_features)
-        self.fake = InceptionStatistics(self.device, keep_features=keep_features)
-        self.lpips = LPIPS(lpips_net).to(self.device) if paired else None
-        self._values: dict[str, list[torch.Tensor]] = {name: [] for name in PER_IMAGE} if paired else {}
+        self.real = InceptionStatistics(self.device, keep_features=True)
+        self.fake = InceptionStatistics(self.device, keep_features=True)
+        self.lpips = LPIPS(lpips_net).to(self.device)
+        self._values: dict[str, list[torch.Tensor]] = {name: [] for name in PER_IMAGE}
 
     @property
     def count(self) -> int:
-        """Images seen on the real side (for pairs: the number of pairs)."""
+        """The number of pairs seen."""
         return self.real.count
 
     @torch.no_grad()
     def update(self, real: torch.Tensor, fake: torch.Tensor) -> None:
         """real, fake: (B, 3, H, W), float in [-1, 1] or uint8; row i of each is a pair."""
-        if self.lpips is None:
-            raise RuntimeError("constructed with paired=False: feed `real` and `fake` instead")
         real, fake = real.to(self.device), fake.to(self.device)
         self.real.update(as_uint8(real))
         self.fake.update(as_uint8(fake))
@@ -101,24 +92,19 @@ class PairedMetrics:
         self._values["lpips"].append(self.lpips(unit_range(real), unit_range(fake)).flatten().cpu())
 
     def per_image(self) -> dict[str, np.ndarray]:
-        """{"psnr", "ssim", "lpips"}: (N,) arrays, one value per pair in order (none without pairs). PSNR is +inf for
+        """{"psnr", "ssim", "lpips"}: (N,) arrays, one value per pair in order. PSNR is +inf for
         an identical pair (`image_quality.psnr`)."""
         return {name: torch.cat(parts).numpy() for name, parts in self._values.items()}
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The per-image values and, when kept, "real_features" / "fake_features" (N, 2048): row i is pair i."""
-        arrays = self.per_image()
-        if self.keep_features:
-            arrays.update(real_features=self.real.features().numpy(), fake_features=self.fake.features().numpy())
-        return arrays
+        """The per-image values and "real_features" / "fake_features" (N, 2048): row i is pair i."""
+        return {**self.per_image(), "real_features": self.real.features().numpy(),
+                "fake_features": self.fake.features().numpy()}
 
     def fid(self, bootstrap: int = 0, seed: int = 0) -> dict:
         """{"value", "std", "ci95", "resamples"} of the FID between the two sides (see the module's docstring)."""
-        if self.keep_features:
-            return fid_spread(self.fake.features(), real=self.real.features(), device=self.device,
-                              bootstrap=bootstrap, seed=seed)
-        value = frechet_distance(*self.real.pool.statistics(), *self.fake.pool.statistics())
-        return {"value": value, "std": None, "ci95": None, "resamples": 0}
+        return fid_spread(self.fake.features(), real=self.real.features(), device=self.device, bootstrap=bootstrap,
+                          seed=seed)
 
     def result(self, bootstrap: int = 0, seed: int = 0) -> dict:
         """{"fid": self.fid(bootstrap, seed)} and per paired metric {"value", "ci95", "n"}: the mean of its finite
