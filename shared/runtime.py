@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.config_check import check_config
 from shared.errors import ConfigError
+from shared.files import write_atomically
 
 # The contract of every stage that writes a run folder: it ends with Runtime.finish(result), which writes the result
 # (JSON: the numbers and output paths later steps read, and the inputs it was given) and then the marker.
@@ -111,12 +112,6 @@ def finished_result(run_dir: str | Path) -> dict | None:
     return json.loads((run_dir / RESULT_FILE).read_text())
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def config_fingerprint(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for key in NON_SEMANTIC_KEYS:
@@ -190,13 +185,13 @@ class Runtime:
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) != len(lines):
-            _write_atomically(path, "".join(kept))
+            write_atomically(path, "".join(kept))
 
     def save_config(self) -> None:
         """Record the config in the run folder: once the run is accepted (a new folder, a resume whose checkpoint
         matches, a finished stage), so that a rejected rerun leaves the folder describing what is in it."""
         if self.is_main:
-            _write_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
+            write_atomically(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
 
     def barrier(self) -> None:
         if self.distributed:
@@ -206,9 +201,9 @@ class Runtime:
         """End the stage (the one contract every stage keeps): its result file, its config, then the completion
         marker, written last so that a folder with the marker always holds the whole result. Returns `result`."""
         if self.is_main:
-            _write_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+            write_atomically(self.run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
             self.save_config()
-            _write_atomically(self.run_dir / DONE_FILE, datetime.datetime.now().isoformat() + "\n")
+            write_atomically(self.run_dir / DONE_FILE, datetime.datetime.now().isoformat() + "\n")
         return result
 
     def __enter__(self) -> Runtime:

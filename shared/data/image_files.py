@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from shared.data.transforms import IMAGE_EXTENSIONS, quantize_to_uint8, to_rgb
 from shared.errors import DataError
+from shared.files import atomic_file
 
 NPZ_IMAGES = "arr_0.npy"
 NPZ_LABELS = "arr_1.npy"
@@ -158,7 +160,8 @@ def _to_uint8_nhwc(images: torch.Tensor | np.ndarray) -> np.ndarray:
 class NpzWriter:
     """Streams images into an ADM-layout .npz (`arr_0` uint8 N x H x W x 3, optional `arr_1` int64 labels).
 
-    The count is fixed up front (it is in the .npy header); the file appears under its name only once complete.
+    The count is fixed up front (it is in the .npy header); the file appears under its name only once complete
+    (shared.files.atomic_file), and not at all when the block raises or the count falls short.
         with NpzWriter(path, num_images=50000, height=256, width=256) as writer:
             writer.write(images_in_minus1_1, labels)
     """
@@ -169,8 +172,8 @@ class NpzWriter:
         self.written = 0
         self.labels: list[np.ndarray] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self.path.with_name(self.path.name + ".partial")
-        self._archive = zipfile.ZipFile(self._partial, "w", allowZip64=True)
+        self._file = ExitStack()  # holds the atomic file: closing it without an error puts it under self.path
+        self._archive = zipfile.ZipFile(self._file.enter_context(atomic_file(self.path)), "w", allowZip64=True)
         self._member = self._archive.open(NPZ_IMAGES, "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                   "shape": self.shape}
@@ -188,17 +191,23 @@ class NpzWriter:
             self.labels.append(np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64))
 
     def close(self) -> Path:
-        self._member.close()
         if self.written != self.shape[0]:
-            self._archive.close()
-            self._partial.unlink()
-            raise ValueError(f"{self.path}: {self.written} images written but {self.shape[0]} declared")
+            error = ValueError(f"{self.path}: {self.written} images written but {self.shape[0]} declared")
+            self._abandon(error)
+            raise error
+        self._member.close()
         if self.labels:
             with self._archive.open(NPZ_LABELS, "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.concatenate(self.labels))
         self._archive.close()
-        self._partial.replace(self.path)
+        self._file.close()
         return self.path
+
+    def _abandon(self, error: BaseException) -> None:
+        """Close everything and leave no file behind: the atomic file sees `error` and removes its temporary."""
+        self._member.close()
+        self._archive.close()
+        self._file.__exit__(type(error), error, error.__traceback__)
 
     def __enter__(self) -> "NpzWriter":
         return self
@@ -206,10 +215,8 @@ class NpzWriter:
     def __exit__(self, error_type, error, traceback) -> None:
         if error_type is None:
             self.close()
-        else:  # leave no half-written file behind
-            self._member.close()
-            self._archive.close()
-            self._partial.unlink(missing_ok=True)
+        else:
+            self._abandon(error)
 
 
 def write_npz(path: str | Path, images: torch.Tensor | np.ndarray,

@@ -34,6 +34,7 @@ import torch
 
 from shared.data.sampler import ResumableBatchSampler
 from shared.errors import DataError
+from shared.files import write_atomically
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -67,12 +68,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _write_json_atomically(path: Path, content: dict) -> None:
-    temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-    _write_file(temporary, (json.dumps(content, indent=1) + "\n").encode())
-    os.replace(temporary, path)
 
 
 def channel_moments(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -156,10 +151,10 @@ def write_manifest(split_dir: Path, num_shards: int, header: dict) -> dict:
         raise DataError(f"every image of {split_dir} was unreadable: nothing was cached")
     stats = LatentStats.from_moments(np.stack(moments), count=sum(s["count"] for s in shards) * 2 *
                                      latent_shape[1] * latent_shape[2])
-    _write_json_atomically(split_dir / STATS, stats.to_dict())
+    write_atomically(split_dir / STATS, json.dumps(stats.to_dict(), indent=1) + "\n")
     manifest = {"format": FORMAT_VERSION, **header, "latent_shape": latent_shape, "shards": shards,
                 "total": sum(s["count"] for s in shards), "skipped": sum(s["skipped"] for s in shards)}
-    _write_json_atomically(split_dir / MANIFEST, manifest)
+    write_atomically(split_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

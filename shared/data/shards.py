@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from shared.data.decoding import IMAGE_READ_ERRORS
 from shared.data.image_folder import FolderIndex
 from shared.errors import ConfigError, DataError
+from shared.files import atomic_file, write_atomically
 
 log = logging.getLogger("epsvae.data")
 
@@ -71,16 +71,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _write_shard(path: Path, samples: list[Sample]) -> None:
-    """Write to a hidden temporary file, flush it to disk, then rename: the shard appears complete or not at all."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as file:
-        with tarfile.open(fileobj=file, mode="w") as tar:
-            for key, extension, data, label in samples:
-                _add_member(tar, f"{key}.{extension}", data)
-                _add_member(tar, f"{key}.cls", str(label).encode())
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    """The shard appears complete or not at all (shared.files.atomic_file)."""
+    with atomic_file(path) as file, tarfile.open(fileobj=file, mode="w") as tar:
+        for key, extension, data, label in samples:
+            _add_member(tar, f"{key}.{extension}", data)
+            _add_member(tar, f"{key}.cls", str(label).encode())
 
 
 def _chunks(samples: Iterator[Sample], size: int) -> Iterator[list[Sample]]:
@@ -136,9 +131,7 @@ def write_shards(dataset_root: str | Path, out_dir: str | Path, split: str, shar
         "skipped": skipped,
         "url_pattern": url_pattern(out_dir.resolve(), split, len(shards)),
     }
-    temporary = manifest_path.with_name(".manifest.json.tmp")
-    temporary.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(temporary, manifest_path)
+    write_atomically(manifest_path, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

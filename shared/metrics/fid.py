@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from shared.errors import DataError
+from shared.files import atomic_file
 from shared.metrics.inception import load_inception
 
 
@@ -82,12 +83,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray, **extra: np.ndarray) -> Path:
-    """Write mu, sigma (and e.g. mu_s, sigma_s, features) to an .npz, via a temporary file so a crash leaves none."""
+    """Write mu, sigma (and e.g. mu_s, sigma_s, features) to an .npz, atomically (shared.files.atomic_file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
-    partial.replace(path)
+    with atomic_file(path) as file:
+        np.savez(file, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64), **extra)
     return path
 
 

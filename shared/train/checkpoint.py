@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import re
 from collections.abc import Callable
@@ -38,6 +37,7 @@ import safetensors.torch
 import torch
 
 from shared.errors import DataError
+from shared.files import atomic_file
 
 log = logging.getLogger("epsvae")
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
@@ -62,26 +62,15 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """write(file) into a temporary file beside `path`, fsynced, then renamed to `path`."""
+    """write(file) as `path`, atomically (shared.files.atomic_file); a failure is one DataError saying what to do."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_file(path) as file:
+            write(file)
     except Exception as error:  # OSError from open/fsync/rename, RuntimeError from torch.save's writer
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
         raise DataError(f"could not write checkpoint {path}: {reason}; the previous checkpoint in {path.parent} is "
                         f"kept (free space or fix the folder, then rerun the same command)") from error
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after the rename; a failed write must not leave it behind
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,49 @@
+"""Files that appear complete or not at all.
+
+    with atomic_file(path) as file:      # a binary file object
+        file.write(...)
+    write_atomically(path, text_or_bytes)
+
+The content goes to a hidden temporary file beside `path` (same file system, so the rename is atomic), is flushed to
+disk, then renamed over `path`, and the rename itself is flushed with the directory. A crash or an exception at any
+point leaves the previous file (or none) under `path` and no temporary behind: readers never see half a file.
+Checkpoints, shard archives, latent-cache manifests, FID statistics, sample .npz files and a run's config, result
+and markers are all written this way.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden temporary `atomic_file` writes `path` through (per process, so two writers never share one)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write; it becomes `path` when the block ends without an exception (see the module)."""
+    path = Path(path)
+    temporary = temporary_name(path)
+    try:
+        with open(temporary, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # gone already after the rename; a failed write must not leave it behind
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # make the rename itself durable
+    finally:
+        os.close(directory)
+
+
+def write_atomically(path: str | Path, content: str | bytes) -> None:
+    """`content` (text as UTF-8) as the whole of `path`, atomically."""
+    with atomic_file(path) as file:
+        file.write(content.encode() if isinstance(content, str) else content)
