@@ -10,6 +10,10 @@ them. The chain is composed from its parts, each timed per call at the preset's 
 
     seconds per image = (DiT step seconds × steps + decoder pass seconds × NFE) / batch
 
+Every figure comes with its range over the timed calls: a throughput composed from the slowest calls of its parts
+to one composed from their fastest, a ratio from its numerator's slowest over its denominator's fastest to the
+reverse (the envelope: the parts are timed separately, so no call of one is paired with a call of another).
+
 which is what the chain costs when, as here, nothing else overlaps (one process, synchronised calls); running 250
 DiT-XL/2 steps for every cell would take hours on a CPU. FLOPs are counted per image with torch's FlopCounterMode
 (a multiply-add is 2 FLOPs). Writes <run dir>/paper_speed.{md,json}, and <paper_speed.out>.{md,json}.
@@ -26,17 +30,20 @@ from omegaconf import DictConfig, OmegaConf
 from pipelines.bench.report import machine, write_report
 from pipelines.bench.sd_vae import sd_vae_config
 from pipelines.bench.settings import LATENT_CHANNELS, NUM_CLASSES
-from pipelines.bench.timing import count_flops, fastest_seconds
+from pipelines.bench.timing import call_seconds, count_flops
 from pipelines.configs import ROOT, command_line, group_config
+from shared.metrics.intervals import format_interval
 from shared.runtime import Runtime, setup
 from stage1_tokenizer.tokenizer import build_tokenizer
 from stage2_ldm.dit import build_dit
 
 
-def seconds_per_call(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> float:
-    """The fastest call's seconds, in inference mode under the run's precision."""
+def timed_part(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> dict:
+    """{"seconds": the fastest call's, "seconds_range": [fastest, slowest]}, in inference mode under the run's
+    precision."""
     with torch.inference_mode(), runtime.autocast():
-        return fastest_seconds(call, runtime.device, warmup, repeats)
+        seconds = call_seconds(call, runtime.device, warmup, repeats)
+    return {"seconds": min(seconds), "seconds_range": [min(seconds), max(seconds)]}
 
 
 def flops_per_image(make_call: Callable[[int], Callable[[], object]], runtime: Runtime) -> int:
@@ -95,49 +102,59 @@ def compose(dit_seconds: float, pass_seconds: float, steps: int, nfe: int, batch
 
 
 def throughput_table(parts: dict, settings: DictConfig) -> list[dict]:
-    """One row per (f, decoder, NFE): images per 1000 s and GFLOPs per image of the composed chain."""
+    """One row per (f, decoder, NFE): images per 1000 s of the composed chain with its range over the timed calls
+    (slowest parts to fastest), and GFLOPs per image."""
+    steps, batch = settings.steps, settings.batch_size
     rows = []
     for f in settings.compressions:
         dit = parts["dit"][str(f)]
+        dit_fastest, dit_slowest = dit["seconds_range"]
         for decoder in settings.decoders:
             part = parts["decoders"][decoder.label][str(f)]
+            pass_fastest, pass_slowest = part["seconds_range"]
             for nfe in decoder.nfe:
                 rows.append({"f": f, "decoder": decoder.label, "nfe": nfe,
-                             "images_per_1000s": compose(dit["seconds"], part["seconds"], settings.steps, nfe,
-                                                         settings.batch_size),
-                             "gflops_per_image": (dit["flops"] * settings.steps + part["flops"] * nfe) / 1e9})
+                             "images_per_1000s": compose(dit["seconds"], part["seconds"], steps, nfe, batch),
+                             "images_per_1000s_range": [compose(dit_slowest, pass_slowest, steps, nfe, batch),
+                                                        compose(dit_fastest, pass_fastest, steps, nfe, batch)],
+                             "gflops_per_image": (dit["flops"] * steps + part["flops"] * nfe) / 1e9})
     return rows
 
 
 def ratios(rows: list[dict], settings: DictConfig) -> list[dict]:
-    """The paper's two ratios, ours beside theirs, for every NFE of the decoder in question."""
-    cell = {(row["f"], row["decoder"], row["nfe"]): row["images_per_1000s"] for row in rows}
+    """The paper's two ratios, ours (with its range, the envelope of its two throughputs' ranges) beside theirs, for
+    every NFE of the decoder in question."""
+    cell = {(row["f"], row["decoder"], row["nfe"]): row for row in rows}
     claims = []
     for claim in settings.claims:
         for nfe in claim.nfe:
             baseline_nfe = claim.baseline.nfe if claim.baseline.nfe is not None else nfe  # null: the same NFE
-            ours = cell[(claim.ours.f, claim.ours.decoder, nfe)] / cell[
-                (claim.baseline.f, claim.baseline.decoder, baseline_nfe)]
-            claims.append({"claim": claim.label, "nfe": nfe, "ours": ours,
+            ours = cell[(claim.ours.f, claim.ours.decoder, nfe)]
+            baseline = cell[(claim.baseline.f, claim.baseline.decoder, baseline_nfe)]
+            (ours_low, ours_high), (baseline_low, baseline_high) = (ours["images_per_1000s_range"],
+                                                                    baseline["images_per_1000s_range"])
+            claims.append({"claim": claim.label, "nfe": nfe,
+                           "ours": ours["images_per_1000s"] / baseline["images_per_1000s"],
+                           "range": [ours_low / baseline_high, ours_high / baseline_low],
                            "paper": claim.paper.ours / claim.paper.baseline})
     return claims
 
 
 def measure_parts(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -> dict:
-    """{"dit": {f: {seconds, flops, params}}, "decoders": {label: {f: {seconds, flops}}}}: seconds per call at the
-    batch, FLOPs per image, the DiT's parameters."""
+    """{"dit": {f: {seconds, seconds_range, flops, params}}, "decoders": {label: {f: {seconds, seconds_range,
+    flops}}}}: seconds per call at the batch (the fastest; the fastest and slowest), FLOPs per image, the DiT's
+    parameters."""
     batch, warmup, repeats = settings.batch_size, settings.warmup, settings.repeats
     parts = {"dit": {}, "decoders": {decoder.label: {} for decoder in settings.decoders}}
     for f in settings.compressions:
         make_call, params = dit_step(ldm_cfg, settings.image_size // f, runtime)
-        parts["dit"][str(f)] = {"seconds": seconds_per_call(make_call(batch), runtime, warmup, repeats),
+        parts["dit"][str(f)] = {**timed_part(make_call(batch), runtime, warmup, repeats),
                                 "flops": flops_per_image(make_call, runtime), "params": params}
         runtime.log.info("DiT f%d: %.3f s per step at batch %d", f, parts["dit"][str(f)]["seconds"], batch)
         for decoder in settings.decoders:
             make_call = decoder_pass(decoder_config(decoder, f), settings.image_size, runtime)
-            parts["decoders"][decoder.label][str(f)] = {
-                "seconds": seconds_per_call(make_call(batch), runtime, warmup, repeats),
-                "flops": flops_per_image(make_call, runtime)}
+            parts["decoders"][decoder.label][str(f)] = {**timed_part(make_call(batch), runtime, warmup, repeats),
+                                                        "flops": flops_per_image(make_call, runtime)}
             runtime.log.info("%s f%d: %.3f s per pass at batch %d", decoder.label, f,
                              parts["decoders"][decoder.label][str(f)]["seconds"], batch)
     return parts
@@ -159,24 +176,30 @@ def markdown(report: dict) -> str:
         f"guidance, random weights, batch {settings['batch_size']}; each part timed per call (fastest of "
         f"{settings['repeats']} after {settings['warmup']} warm-up), the chain **composed**: seconds per image = "
         f"(DiT step × {settings['steps']} + decoder pass × NFE) / batch. Not a run of the whole chain.",
-        "", "Images per 1000 s (GFLOPs per image in brackets):", "",
+        f"- In square brackets, every figure's range over the {settings['repeats']} timed calls of each part: from "
+        "the slowest calls to the fastest; a ratio's range is the envelope of its two throughputs' ranges.",
+        "", "Images per 1000 s [range] (GFLOPs per image in round brackets):", "",
         "| f | " + " | ".join(f"{label} NFE {nfe}" for label, nfe in columns) + " |",
         "|---|" + "---:|" * len(columns)]
+    def throughput(row: dict) -> str:
+        return (f"{format_interval(row['images_per_1000s'], row['images_per_1000s_range'], '.3g')} "
+                f"({row['gflops_per_image']:,.0f})")
+
     for f in settings["compressions"]:
-        lines.append(f"| {f} | " + " | ".join(
-            f"{cell[(f, label, nfe)]['images_per_1000s']:.3g} ({cell[(f, label, nfe)]['gflops_per_image']:,.0f})"
-            for label, nfe in columns) + " |")
+        lines.append(f"| {f} | " + " | ".join(throughput(cell[(f, label, nfe)]) for label, nfe in columns) + " |")
     lines += ["", "The paper (one H100, bf16): f8 SD-VAE 522, ε-VAE (M) 491, (H) 477; f16 1220, 1192, 1180; f32 3991, "
               "3865, 3870.", "", "| claim | NFE | ours | paper |", "|---|---:|---:|---:|"]
     for claim in report["ratios"]:
-        lines.append(f"| {claim['claim']} | {claim['nfe']} | {claim['ours']:.2f}× | {claim['paper']:.2f}× |")
+        lines.append(f"| {claim['claim']} | {claim['nfe']} | {format_interval(claim['ours'], claim['range'], '.2f')} | "
+                     f"{claim['paper']:.2f}× |")
     lines += ["", "Parts, per call at the batch above and per image:", "",
-              "| part | f | seconds per call | GFLOPs per image per call |", "|---|---:|---:|---:|"]
-    for f, part in report["parts"]["dit"].items():
-        lines.append(f"| {report['ldm']} step | {f} | {part['seconds']:.3f} | {part['flops'] / 1e9:,.1f} |")
-    for label, by_f in report["parts"]["decoders"].items():
-        for f, part in by_f.items():
-            lines.append(f"| {label} pass | {f} | {part['seconds']:.3f} | {part['flops'] / 1e9:,.1f} |")
+              "| part | f | seconds per call [fastest, slowest] | GFLOPs per image per call |", "|---|---:|---:|---:|"]
+    parts = [(f"{report['ldm']} step", f, part) for f, part in report["parts"]["dit"].items()]
+    parts += [(f"{label} pass", f, part) for label, by_f in report["parts"]["decoders"].items()
+              for f, part in by_f.items()]
+    for name, f, part in parts:
+        lines.append(f"| {name} | {f} | {format_interval(part['seconds'], part['seconds_range'], '.3f')} | "
+                     f"{part['flops'] / 1e9:,.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,11 @@ def test_quick_bench_reports_every_section_with_equivalent_models(tmp_path):
         assert sum(name.startswith(section) for name in names) == 1, section
     for row in report["rows"]:
         assert row["ours"] > 0 and row["theirs"] > 0 and row["ratio"] > 0, row
-        if not row["name"].startswith("Loader"):
+        if row["name"].startswith("Loader"):  # one timed pass of each side: no rounds, no range
+            assert row["ratio_range"] is None
+        else:  # the ratio of the fastest calls lies between those of the rounds that timed them
+            low, high = row["ratio_range"]
+            assert low * (1 - 1e-9) <= row["ratio"] <= high * (1 + 1e-9), row
             assert row["ours_flops"] > 0 and row["theirs_flops"] > 0, row
             assert row["ours_flops_fraction"] > 0 and row["theirs_flops_fraction"] > 0, row
     limit = report["limit"]

@@ -14,7 +14,8 @@ Timing: `warmup` untimed calls, then `repeats` timed calls of ours and theirs al
 load hits both alike), fastest call of each; CUDA is synchronised around each call. The fastest call, as timeit
 advises: noise from other processes only ever adds time, so the minimum is the estimate of a call's own cost
 (the median of 9 calls still swung ±12% between runs on this shared 2-core machine). Ratios are ours / theirs
-in throughput: ≥ 1 means we are at least as fast. Each model's FLOPs per call are counted once with
+in throughput: ≥ 1 means we are at least as fast; each comes with its range over the rounds (call i of ours against
+call i of theirs, back to back). Each model's FLOPs per call are counted once with
 FlopCounterMode and divided by its time, and reported as a fraction of the machine's measured limit: the
 better of a large square matmul and a large 3×3 convolution (fp32 on the CPU, bf16 on CUDA), timed in the same
 run. Both are needed: on some CPUs oneDNN's convolution kernels run at twice MKL's sgemm rate, and a matmul-only

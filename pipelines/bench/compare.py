@@ -8,13 +8,14 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipelines.bench.timing import count_flops, fastest_seconds_side_by_side
+from pipelines.bench.timing import count_flops, seconds_side_by_side
 from shared.runtime import Runtime
 
 
 @dataclass
 class Row:
-    """One comparison: throughput of ours and theirs in `unit` (items per second) and their FLOP/s fractions."""
+    """One comparison: throughput of ours and theirs in `unit` (items per second, of the fastest calls), their FLOP/s
+    fractions, and the range of ours / theirs over the rounds of alternating calls (None for a single rate)."""
 
     name: str
     unit: str
@@ -26,6 +27,7 @@ class Row:
     theirs_flops_fraction: float | None = None
     target: float | None = None
     note: str = ""
+    ratio_range: list[float] | None = None
     ratio: float = field(init=False)
 
     def __post_init__(self):
@@ -58,12 +60,15 @@ class Context:
         with self.runtime.autocast():
             if flops is None:
                 flops = count_flops(ours), count_flops(theirs)
-            ours_seconds, theirs_seconds = fastest_seconds_side_by_side(
+            ours_times, theirs_times = seconds_side_by_side(
                 ours, theirs, self.device, self.bench.warmup if warmup is None else warmup,
                 self.bench.repeats if repeats is None else repeats)
+        ours_seconds, theirs_seconds = min(ours_times), min(theirs_times)
         self.runtime.log.info("%s: ours %.4g s, theirs %.4g s per call", name, ours_seconds, theirs_seconds)
+        round_ratios = [theirs_time / ours_time for ours_time, theirs_time in zip(ours_times, theirs_times)]
         return Row(name, unit, items / ours_seconds, items / theirs_seconds, flops[0], flops[1],
-                   flops[0] / ours_seconds / self.peak_flops, flops[1] / theirs_seconds / self.peak_flops, **extra)
+                   flops[0] / ours_seconds / self.peak_flops, flops[1] / theirs_seconds / self.peak_flops,
+                   ratio_range=[min(round_ratios), max(round_ratios)], **extra)
 
     def prepare(self, model: nn.Module, convolutional: bool = False) -> nn.Module:
         """On the device, optionally compiled; a convolutional network channels-last (NHWC), which suits both

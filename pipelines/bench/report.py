@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.machine import describe
+from shared.metrics.intervals import format_interval
 from shared.runtime import Runtime
 
 
@@ -35,13 +36,17 @@ def markdown(report: dict) -> str:
         f"- Settings: {report['settings']}",
         f"- DiT parameters: ours {report['params']['dit']['ours']:,}, diffusers {report['params']['dit']['theirs']:,}; "
         f"SD-VAE parameters: ours {report['params']['sd_vae']['ours']}, diffusers {report['params']['sd_vae']['theirs']}",
+        "- Throughput of the fastest call of each side; ours / theirs is their ratio, with in brackets the lowest and "
+        "highest ratio of one round (call i of ours against call i of theirs, timed back to back); a loader row is "
+        "one timed pass of each, without a range",
         "",
         "| benchmark | unit | ours | theirs | ours / theirs | target | ours % of limit | theirs % | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in report["rows"]:
         target = "" if row["target"] is None else f"≥ {row['target']:g}" + (" **missed**" if row["missed"] else "")
-        lines.append(f"| {row['name']} | {row['unit']} | {row['ours']:.4g} | {row['theirs']:.4g} | {row['ratio']:.2f} "
+        lines.append(f"| {row['name']} | {row['unit']} | {row['ours']:.4g} | {row['theirs']:.4g} | "
+                     f"{format_interval(row['ratio'], row['ratio_range'], '.2f')} "
                      f"| {target} | {fraction(row['ours_flops_fraction'])} | {fraction(row['theirs_flops_fraction'])} "
                      f"| {row['note']} |")
     return "\n".join(lines) + "\n"

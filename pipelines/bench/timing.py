@@ -1,5 +1,9 @@
-"""The timing harness: calls timed with the device synchronised around them, the fastest of alternating calls of
-ours and theirs, FLOPs per call, the machine's measured FLOP/s limit, and the rate of a data loader."""
+"""The timing harness: calls timed with the device synchronised around them, alternating calls of ours and theirs,
+FLOPs per call, the machine's measured FLOP/s limit, and the rate of a data loader.
+
+Every timed call is kept: the fastest is the estimate of a call's own cost (noise from other processes only ever
+adds time), the slowest bounds what the load on the machine did to it, and a ratio comes with the range of its
+values over the timed calls."""
 from __future__ import annotations
 
 import time
@@ -23,9 +27,10 @@ def timed_call(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def fastest_seconds_side_by_side(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device,
-                                 warmup: int, repeats: int) -> tuple[float, float]:
-    """Seconds of the fastest call of `ours` and of `theirs`, timed alternately."""
+def seconds_side_by_side(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device,
+                         warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of each of `repeats` calls of `ours` and of `theirs`, timed alternately: call i of each ran in the
+    same round, back to back, under the same load."""
     for _ in range(warmup):
         ours()
         theirs()
@@ -33,7 +38,7 @@ def fastest_seconds_side_by_side(ours: Callable[[], object], theirs: Callable[[]
     for _ in range(repeats):
         ours_times.append(timed_call(ours, device))
         theirs_times.append(timed_call(theirs, device))
-    return min(ours_times), min(theirs_times)
+    return ours_times, theirs_times
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -42,17 +47,17 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def fastest_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls after `warmup` untimed ones: slower calls measure other load."""
+def call_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
-    return min(timed_call(fn, device) for _ in range(repeats))
+    return [timed_call(fn, device) for _ in range(repeats)]
 
 
 def best_flops_per_second(fn: Callable[[], object], flops: int, device: torch.device, warmup: int,
                           repeats: int) -> float:
     """FLOP/s of `fn` from its fastest call: a limit is the best the machine does."""
-    return flops / fastest_seconds(fn, device, warmup, repeats)
+    return flops / min(call_seconds(fn, device, warmup, repeats))
 
 
 @torch.no_grad()
