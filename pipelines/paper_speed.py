@@ -188,10 +188,10 @@ def markdown(report: dict) -> str:
     for f in settings["compressions"]:
         lines.append(f"| {f} | " + " | ".join(throughput(cell[(f, label, nfe)]) for label, nfe in columns) + " |")
     lines += ["", "The paper (one H100, bf16): f8 SD-VAE 522, ε-VAE (M) 491, (H) 477; f16 1220, 1192, 1180; f32 3991, "
-              "3865, 3870.", "", "| claim | NFE | ours | paper |", "|---|---:|---:|---:|"]
+              "3865, 3870.", "", "| claim | NFE | ours (×) [range] | paper (×) |", "|---|---:|---:|---:|"]
     for claim in report["ratios"]:
         lines.append(f"| {claim['claim']} | {claim['nfe']} | {format_interval(claim['ours'], claim['range'], '.2f')} | "
-                     f"{claim['paper']:.2f}× |")
+                     f"{claim['paper']:.2f} |")
     lines += ["", "Parts, per call at the batch above and per image:", "",
               "| part | f | seconds per call [fastest, slowest] | GFLOPs per image per call |", "|---|---:|---:|---:|"]
     parts = [(f"{report['ldm']} step", f, part) for f, part in report["parts"]["dit"].items()]
