@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import ModuleType
 
 import safetensors.torch
 import torch
@@ -92,16 +93,21 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(next(folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()))
 
 
+def import_diffusers(needed_by: str) -> ModuleType:
+    """The diffusers package, an optional extra; a ConfigError saying how to install it where it is missing."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ConfigError(f"{needed_by} needs the diffusers package: pip install -e '.[bench]' "
+                          "(setup.sh installs it)") from None
+    return diffusers
+
+
 def save_diffusers_folder(config: dict, state_dict: dict[str, torch.Tensor], out_dir: str | Path) -> torch.nn.Module:
     """Write a folder that `<config["_class_name"]>.from_pretrained` loads, and return the diffusers model. diffusers
     builds the model from the config and takes every weight strictly, so a name a converter got wrong fails here,
     not in the user's code."""
-    try:
-        import diffusers
-    except ImportError:
-        raise ConfigError("export.format=diffusers needs the diffusers package: pip install -e '.[bench]' "
-                          "(setup.sh installs it)") from None
-    model_class = getattr(diffusers, config["_class_name"])
+    model_class = getattr(import_diffusers("export.format=diffusers"), config["_class_name"])
     model = model_class(**{key: value for key, value in config.items() if not key.startswith("_")})
     model.load_state_dict(state_dict, strict=True)
     model.save_pretrained(out_dir, safe_serialization=True)

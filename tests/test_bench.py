@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from tests.helpers import run_cli
+from pipelines import bench
+from shared.errors import ConfigError
+from tests.helpers import load_config, run_cli
 
 SECTIONS = ("DiT train step", "DiT sampling step", "DiT sampling of", "SD-VAE encode", "SD-VAE decode",
             "ε-VAE decode NFE 1", "ε-VAE decode NFE 2", "ε-VAE decode NFE 3", "Loader: cached latents",
@@ -14,6 +17,7 @@ SECTIONS = ("DiT train step", "DiT sampling step", "DiT sampling of", "SD-VAE en
 
 @pytest.mark.slow
 def test_quick_bench_reports_every_section_with_equivalent_models(tmp_path):
+    pytest.importorskip("diffusers")  # the bench extra, the other side of its comparisons
     run_cli("stage=bench", "bench.quick=true", "wandb.mode=disabled", f"output_root={tmp_path}",
             f"bench.out={tmp_path / 'copy' / 'bench'}", timeout=400)
     (run_dir,) = (tmp_path / "bench").iterdir()
@@ -42,3 +46,11 @@ def test_quick_bench_reports_every_section_with_equivalent_models(tmp_path):
     vae = report["params"]["sd_vae"]
     for part in ("encoder", "decoder"):
         assert abs(vae["ours"][part] - vae["theirs"][part]) <= 0.03 * vae["theirs"][part]
+
+
+def test_bench_without_diffusers_says_how_to_install_it_before_writing_anything(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now fails, as where it is missing
+    cfg = load_config(["stage=bench", "bench.quick=true", "device=cpu"], output_root=tmp_path)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[bench\]'"):
+        bench.main(cfg)
+    assert not (tmp_path / "bench").exists()

@@ -89,6 +89,7 @@ def single_process_group_cleanup():
 @pytest.mark.slow
 def test_ldm_trains_under_deepspeed_in_one_cpu_process_and_loads_without_it(trained, monkeypatch,
                                                                               single_process_group_cleanup):
+    pytest.importorskip("deepspeed")  # the distributed extra
     # DeepSpeed compiles a shared-memory all-reduce for multi-process CPU runs on first use (minutes);
     # one process never uses it.
     monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)

@@ -18,10 +18,12 @@ from pipelines.bench.suites.loaders import bench_loaders
 from pipelines.bench.suites.tokenizers import bench_tokenizers
 from pipelines.bench.timing import measured_limits
 from pipelines.configs import ROOT, command_line
+from shared.foreign_weights import import_diffusers
 from shared.runtime import setup
 
 
 def main(cfg: DictConfig) -> dict:
+    import_diffusers("stage=bench (its DiT and SD-VAE comparisons)")  # before anything is measured or written
     started = time.perf_counter()
     with setup(cfg) as runtime:
         bench = bench_settings(cfg)
