@@ -6,7 +6,8 @@
 
 The content goes to a hidden temporary file beside `path` (same file system, so the rename is atomic), is flushed to
 disk, then renamed over `path`, and the rename itself is flushed with the directory. A crash or an exception at any
-point leaves the previous file (or none) under `path` and no temporary behind: readers never see half a file.
+point leaves the previous file (or none) under `path`: readers never see half a file. An exception also removes the
+temporary; a process killed mid-write leaves it, hidden, for `leftover_temporaries` to find.
 Checkpoints, shard archives, latent-cache manifests, FID statistics, sample .npz files and a run's config, result
 and markers are all written this way.
 """
@@ -18,16 +19,22 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
-def temporary_name(path: Path) -> Path:
+def _temporary_name(path: Path) -> Path:
     """The hidden temporary `atomic_file` writes `path` through (per process, so two writers never share one)."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def leftover_temporaries(directory: Path, name_pattern: str) -> Iterator[Path]:
+    """The temporaries of files named like `name_pattern` (a glob) in `directory` that writers killed mid-write left
+    behind (never read: they have no such name)."""
+    return directory.glob(f".{name_pattern}.*.tmp")
 
 
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file to write; it becomes `path` when the block ends without an exception (see the module)."""
     path = Path(path)
-    temporary = temporary_name(path)
+    temporary = _temporary_name(path)
     try:
         with open(temporary, "wb") as file:
             yield file

@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 
 from shared.errors import DataError
-from shared.files import atomic_file
+from shared.files import atomic_file, leftover_temporaries
 
 log = logging.getLogger("epsvae")
 STEP_FILE = re.compile(r"^step_(\d{9})\.pt$")
@@ -267,7 +267,7 @@ class CheckpointDir:
     def remove_incomplete(self) -> None:
         """Remove what a writer killed mid-write leaves: its temporary file, and the weights and header of a step
         whose .pt never landed. Neither is ever read, and a checkpoint can be gigabytes."""
-        for leftover in self.directory.glob(".step_*.tmp"):
+        for leftover in leftover_temporaries(self.directory, "step_*"):
             leftover.unlink(missing_ok=True)
         for suffix in WEIGHTS_SUFFIXES:
             for part in self.directory.glob(f"step_*{suffix}"):
