@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shared.errors import ConfigError, DataError
 from shared.dit_blocks import NORM_EPS
+from shared.errors import ConfigError, DataError
 from shared.foreign_weights import DIFFUSERS_CONFIG, read_diffusers_model, read_state_dict, save_diffusers_folder
 from shared.runtime import setup
 from shared.train.checkpoint import (CheckpointDir, atomic_save, load_weights, network_state, resolve_checkpoint,

@@ -161,7 +161,7 @@ def real_data_floor(cfg) -> dict:
     from shared.data.transforms import quantize_to_uint8
     from shared.metrics.evaluate import load_reference_cache
     from shared.metrics.fid import InceptionStatistics
-    from shared.metrics.fid_bootstrap import FrechetBootstrap
+    from shared.metrics.paired import fid_spread, flat_metrics
     from shared.runtime import resolve_device
 
     device = resolve_device(cfg.device)
@@ -174,9 +174,9 @@ def real_data_floor(cfg) -> dict:
     stats = InceptionStatistics(device, keep_features=True)
     for batch in make_image_loader(cfg.data, "val", settings.batch_size, train=False, indices=subset.indices):
         stats.update(quantize_to_uint8(batch["image"]))
-    spread = FrechetBootstrap(stats.features(), reference=(reference["mu"], reference["sigma"]),
-                              device=device).spread(settings.bootstrap, settings.subset_seed)
-    return {"fid": spread["fid"], "fid_std": spread["std"], "fid_ci95": spread["ci95"], "num_images": stats.count,
+    fid = fid_spread(stats.features(), reference=(reference["mu"], reference["sigma"]), device=device,
+                     bootstrap=settings.bootstrap, seed=settings.subset_seed)
+    return {**flat_metrics({"fid": fid}), "num_images": stats.count,
             "subset": {**subset.record(), "images": stats.count}, "reference": reference["subset"]}
 
 

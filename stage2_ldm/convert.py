@@ -31,9 +31,9 @@ import re
 
 import torch
 
+from shared.dit_blocks import sincos_2d
 from shared.errors import ConfigError, DataError
 from shared.foreign_weights import renamed
-from shared.dit_blocks import sincos_2d
 from stage2_ldm.dit import DiT
 
 DIFFUSERS_DIT_CLASS = "DiTTransformer2DModel"

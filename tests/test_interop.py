@@ -176,8 +176,8 @@ def test_vae_exports_to_a_folder_from_pretrained_loads(autoencoder, imported):
 
 def test_trained_vae_that_autoencoderkl_cannot_hold_is_refused(tmp_path):
     """vae_tiny pads symmetrically and its GroupNorms differ by width: no AutoencoderKL computes it."""
-    from stage1_tokenizer.convert import autoencoder_from_vae
     from pipelines.configs import group_config
+    from stage1_tokenizer.convert import autoencoder_from_vae
 
     config = group_config("tokenizer", "vae_tiny")
     with pytest.raises(ConfigError) as error:
