@@ -41,10 +41,12 @@ def _fingerprint(cfg: DictConfig) -> dict:
 
 
 def _differences(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    """Dotted keys whose values differ between a folder's recorded config `old` and `new`, as 'key: old -> new'.
+    A key the record lacks was added to the configs after the folder was made: its default keeps the behaviour
+    from before it existed (the rule for every new key), so it is no difference."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [difference for key in sorted(set(old) | set(new), key=str)
-                for difference in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [difference for key in sorted(set(old) | set(new), key=str) if key in old
+                for difference in _differences(old[key], new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
@@ -137,8 +139,11 @@ class Pipeline:
         return self.report()
 
     def report(self) -> dict:
+        from shared.metrics.lpips import secondary_net
+
         reconstruction, sampling, evaluation = (finished_result(self.folder(step)) or {}
                                                 for step in ("reconstruct", "sample", "evaluate"))
+        secondary_lpips = f"lpips_{secondary_net(self.cfg.lpips_net)}"
         report = {
             "name": str(self.cfg.name), "data": OmegaConf.to_container(self.cfg.data, resolve=True),
             "tokenizer": {"kind": self.cfg.tokenizer.kind, "downsample": self.cfg.tokenizer.downsample,
@@ -147,9 +152,12 @@ class Pipeline:
             "ldm": {"depth": self.cfg.ldm.depth, "hidden_size": self.cfg.ldm.hidden_size,
                     "patch_size": self.cfg.ldm.patch_size, "objective": self.cfg.ldm.objective,
                     "train_steps": self.cfg.ldm.train.steps},
-            "reconstruction": {key: reconstruction.get(key) for key in
+            "reconstruction": {"lpips_net": self.cfg.lpips_net, **{key: reconstruction.get(key) for key in
                                ("rfid", "rfid_std", "rfid_ci95", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips",
-                                "lpips_ci95", "decode_images_per_s", "num_images", "decoder_nfe", "subset")},
+                                "lpips_ci95", secondary_lpips, f"{secondary_lpips}_ci95", "noise_seeds", "noise_std",
+                                "noise_std_ci95", "seed_mean_psnr", "seed_mean_psnr_ci95", "chroma_hf",
+                                "chroma_hf_ci95", "chroma_hf_original", "chroma_hf_original_ci95", "chroma_hf_ratio",
+                                "decode_images_per_s", "num_images", "decoder_nfe", "subset")}},
             "generation": {"gfid": evaluation.get("fid"), "gfid_std": evaluation.get("fid_std"),
                            "gfid_ci95": evaluation.get("fid_ci95"), "num_samples": sampling.get("num_samples"),
                            "sampler": sampling.get("sampler"), "steps": sampling.get("steps"),
@@ -177,7 +185,11 @@ def _described(subset: dict | None) -> str:
 
 
 def render_markdown(report: dict) -> str:
+    from shared.metrics.lpips import secondary_net
+
     rec, gen, speed = report["reconstruction"], report["generation"], report["throughput_images_per_s"] or {}
+    net, secondary = rec["lpips_net"], secondary_net(rec["lpips_net"])
+    with_interval = lambda key: format_interval(rec[key], rec.get(f"{key}_ci95"), ".3g")
     tok, ldm = report["tokenizer"], report["ldm"]
     ranges = speed.get("range", {})
     spread = lambda part: "" if part not in ranges else f" [{ranges[part][0]:.3g}, {ranges[part][1]:.3g}]"
@@ -187,14 +199,23 @@ def render_markdown(report: dict) -> str:
         f"Tokenizer: {tok['kind']} f{tok['downsample']} × {tok['latent_channels']} channels, "
         f"{tok['train_steps']} steps. DiT: depth {ldm['depth']}, width {ldm['hidden_size']}, patch "
         f"{ldm['patch_size']}, {ldm['objective']} objective, {ldm['train_steps']} steps.", "",
-        "Brackets: 95% intervals (FID: ± 1.96 bootstrap standard deviations over the images; PSNR/SSIM/LPIPS: Student t "
-        "over the images; images/s: the range over the timed batches).", "",
+        "Brackets: 95% intervals (FID: ± 1.96 bootstrap standard deviations over the images; PSNR/SSIM/LPIPS, noise "
+        "and colour noise: Student t over the images; images/s: the range over the timed batches).", "",
         "| metric | value | settings |", "|---|---|---|",
-        f"| rFID | {format_interval(rec['rfid'], rec.get('rfid_ci95'), '.3g')} | {_described(rec.get('subset'))}, "
+        f"| rFID | {with_interval('rfid')} | {_described(rec.get('subset'))}, "
         f"decoder NFE {rec['decoder_nfe']} |",
-        f"| PSNR (dB) | {format_interval(rec['psnr'], rec.get('psnr_ci95'), '.3g')} | same |",
-        f"| SSIM | {format_interval(rec['ssim'], rec.get('ssim_ci95'), '.3g')} | same |",
-        f"| LPIPS | {format_interval(rec['lpips'], rec.get('lpips_ci95'), '.3g')} | same |",
+        f"| PSNR (dB) | {with_interval('psnr')} | same |",
+        f"| SSIM | {with_interval('ssim')} | same |",
+        f"| LPIPS ({net}) | {with_interval('lpips')} | same |",
+        f"| LPIPS ({secondary}, secondary) | {with_interval(f'lpips_{secondary}')} | same |",
+        f"| decoder noise std (grey levels) | {with_interval('noise_std')} | RMS over the pixels of the spread across "
+        f"{rec['noise_seeds']} decodes with independent noise |",
+        f"| PSNR of the decodes' mean (dB) | {with_interval('seed_mean_psnr')} | same decodes |",
+        f"| colour noise, reconstructions (grey levels) | {with_interval('chroma_hf')} | RMS of the chroma (Cb, Cr) "
+        f"minus its 3×3 blur |",
+        f"| colour noise, originals (grey levels) | {with_interval('chroma_hf_original')} | same |",
+        f"| colour noise ratio | {_fmt(rec['chroma_hf_ratio'])} | the mean of the reconstructions' over the "
+        f"originals' |",
         f"| gFID | {format_interval(gen['gfid'], gen.get('gfid_ci95'), '.3g')} | {gen['num_samples']} samples, "
         f"{gen['sampler']} {gen['steps']} steps, CFG {gen['cfg_scale']}, decoder NFE {gen['decoder_nfe']}, "
         f"reference: {gen['reference']} |",

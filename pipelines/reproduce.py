@@ -22,7 +22,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -37,12 +37,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from pipelines.claims import claims  # noqa: E402
 from pipelines.configs import CONFIG_DIR, ROOT, command_line, compose_config, group_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.machine import describe, summary  # noqa: E402
-from shared.metrics.intervals import format_interval, verdict  # noqa: E402
+from shared.metrics.intervals import format_interval  # noqa: E402
+from shared.runtime import finished_result  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 # The keys of a stage=reproduce / stage=ablation command line that choose the preset, not the runs' settings.
@@ -65,12 +67,14 @@ def as_overrides(settings: Mapping) -> list[str]:
     return [f"{key}={override_value(value)}" for key, value in settings.items()]
 
 
-def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str]) -> DictConfig:
+def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str], seed: int | None = None) -> DictConfig:
     """The stage=pipeline config of one row of a preset: its experiment, the common settings, the row's own
-    overrides, then `extra` (the command line's)."""
+    overrides, then `extra` (the command line's). A row trained with several seeds has a run per `seed`, named
+    with an `_s<seed>` suffix."""
+    name = f"reproduce_{preset_name}_{entry['slug']}" + ("" if seed is None else f"_s{seed}")
     overrides = ["stage=pipeline", f"experiment={preset['experiment']}", f"tokenizer={entry['tokenizer']}",
-                 f"name=reproduce_{preset_name}_{entry['slug']}", *as_overrides(preset.get("common", {})),
-                 *entry["overrides"], *extra]
+                 f"name={name}", *as_overrides(preset.get("common", {})), *entry["overrides"],
+                 *([] if seed is None else [f"seed={seed}"]), *extra]
     return compose_config(overrides)
 
 
@@ -184,131 +188,143 @@ def compression(cfg) -> str:
     return f"f{cfg.tokenizer.downsample}×{cfg.tokenizer.latent_channels}"
 
 
-def row_of(entry: dict, cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict]) -> dict:
+def resolution_sweep(cfg, pipeline: Pipeline, resolutions: list[int]) -> dict[int, dict]:
+    """Reconstructions of the same validation images at other resolutions than the tokenizer was trained at (the
+    paper's Table 1: trained at 128 px, measured at 256 and 512), each a reconstruct stage in its own folder."""
+    tokenizer = pipeline.result("tokenizer")["checkpoint"]
+    results = {}
+    for resolution in resolutions:
+        resized = OmegaConf.merge(cfg, {"data": {"resolution": resolution}})
+        results[resolution] = pipeline.run_step(f"reconstruct_{resolution}px",
+                                                lambda folder: reconstruct(resized, tokenizer, run_dir=folder))
+    return results
+
+
+def guidance_sweep(cfg, pipeline: Pipeline, scales: list[float]) -> dict[float, dict]:
+    """The DiT sampled again at each classifier-free guidance scale and evaluated against the same reference:
+    {scale: the evaluate stage's result}, each sample and evaluate stage in its own folder."""
+    from shared.metrics.evaluate import evaluate_to_folder
+    from stage2_ldm.sample import sample_to_folder
+
+    ldm, tokenizer = pipeline.result("ldm")["checkpoint"], pipeline.result("tokenizer")["checkpoint"]
+    results = {}
+    for scale in scales:
+        guided = OmegaConf.merge(cfg, {"sample": {"cfg_scale": scale}})
+        samples = pipeline.run_step(f"sample_cfg{scale:g}",
+                                    lambda folder: sample_to_folder(guided, ldm, tokenizer, out_dir=folder))
+        results[scale] = pipeline.run_step(f"evaluate_cfg{scale:g}", lambda folder: evaluate_to_folder(
+            guided, samples["samples"], run_dir=folder))
+    return results
+
+
+def run_record(cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict], resolutions: dict[int, dict],
+               guided: dict[float, dict]) -> dict:
+    """One training run of a row: its numbers and the files the claims are computed from."""
     from stage1_tokenizer.reconstruct import per_image_path
 
     reconstruction, generation = report["reconstruction"], report["generation"]
-    evaluation = pipeline.result("evaluate")
-    return {"label": entry["label"], "slug": entry["slug"], "tokenizer": entry["tokenizer"],
-            "kind": cfg.tokenizer.kind, "compression": compression(cfg),
-            "latent_shape": [cfg.tokenizer.latent_channels, cfg.data.resolution // cfg.tokenizer.downsample,
-                             cfg.data.resolution // cfg.tokenizer.downsample],
-            **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "lpips", "lpips_ci95")},
-            "gfid": generation["gfid"], "gfid_ci95": generation["gfid_ci95"],
-            "images_per_s": report["throughput_images_per_s"],
-            "rfid_by_nfe": {str(nfe): result["rfid"] for nfe, result in sweep.items()},
-            "rfid_ci95_by_nfe": {str(nfe): result["rfid_ci95"] for nfe, result in sweep.items()},
-            "psnr_by_nfe": {str(nfe): result["psnr"] for nfe, result in sweep.items()},
-            "generation_settings": generation, "reconstruction_subset": reconstruction["subset"],
-            "wall_seconds": report["wall_seconds"],
-            # What the claims are computed from: per-image reconstruction metrics and features, sample features.
-            "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe)),
-                      "sample_features": evaluation["sample_features"],
-                      "reference": evaluation["reference_path"]}}
+    evaluation = finished_result(pipeline.folder("evaluate")) or {}  # none where the run measured no generation
+    record = {"seed": cfg.seed, "name": str(cfg.name),
+              **{key: reconstruction.get(key) for key in RECONSTRUCTION_KEYS},
+              "gfid": generation["gfid"], "gfid_ci95": generation["gfid_ci95"],
+              "images_per_s": report["throughput_images_per_s"],
+              "rfid_by_nfe": {str(nfe): result["rfid"] for nfe, result in sweep.items()},
+              "rfid_ci95_by_nfe": {str(nfe): result["rfid_ci95"] for nfe, result in sweep.items()},
+              "psnr_by_nfe": {str(nfe): result["psnr"] for nfe, result in sweep.items()},
+              "by_resolution": {str(px): {key: result.get(key) for key in RECONSTRUCTION_KEYS}
+                                for px, result in resolutions.items()},
+              "gfid_by_cfg": {f"{scale:g}": {"gfid": result["fid"], "gfid_ci95": result["fid_ci95"]}
+                              for scale, result in guided.items()},
+              "generation_settings": generation, "reconstruction_subset": reconstruction["subset"],
+              "wall_seconds": dict(pipeline.seconds),
+              # What the claims are computed from: per-image reconstruction metrics and features, sample features.
+              "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe)),
+                        **({"sample_features": evaluation["sample_features"],
+                            "reference": evaluation["reference_path"]} if evaluation else {}),
+                        **{f"per_image_{px}px": str(per_image_path(pipeline.folder(f"reconstruct_{px}px"),
+                                                                    cfg.decode.nfe)) for px in resolutions},
+                        **{"sample_features_cfg": result["sample_features"] for result in guided.values()}}}
+    return record
 
 
-# The paper's direction for each compared quantity (ours − baseline): what "reproduced" means.
-PAPER_DIRECTION = {"gfid": "lower", "rfid": "lower", "psnr": "higher", "lpips": "lower", "throughput": "higher"}
+# stage=reconstruct's numbers that a run records (a key an older reconstruction lacks is None).
+RECONSTRUCTION_KEYS = ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "lpips", "lpips_ci95", "lpips_alex", "noise_std",
+                       "seed_mean_psnr", "chroma_hf_ratio")
+# The numbers whose mean over a row's runs the table shows, with their spread over seeds.
+SEED_AVERAGED = ("rfid", "psnr", "lpips", "gfid", "noise_std", "seed_mean_psnr", "chroma_hf_ratio")
 
 
-def _paired_per_image(ours: dict, base: dict) -> tuple[np.lib.npyio.NpzFile, np.lib.npyio.NpzFile]:
-    ours_file, base_file = np.load(ours["files"]["per_image"]), np.load(base["files"]["per_image"])
-    if not np.array_equal(ours_file["index"], base_file["index"]):
-        raise ConfigError(f"{ours['label']} and {base['label']} were reconstructed on different images: give them "
-                          f"the same reconstruct.num_images and evaluate.subset_seed")
-    return ours_file, base_file
+def row_of(entry: dict, cfg, runs: list[dict]) -> dict:
+    """A row of the table: the first run's record (its intervals are over the images), the mean over the runs of
+    each SEED_AVERAGED number and its standard deviation over seeds, and every run under "runs"."""
+    row = {"label": entry["label"], "slug": entry["slug"], "tokenizer": entry["tokenizer"], "kind": cfg.tokenizer.kind,
+           "compression": compression(cfg), "resolution": cfg.data.resolution,
+           "latent_shape": [cfg.tokenizer.latent_channels, cfg.data.resolution // cfg.tokenizer.downsample,
+                            cfg.data.resolution // cfg.tokenizer.downsample], **runs[0], "runs": runs}
+    if len(runs) > 1:
+        for key in SEED_AVERAGED:
+            values = [run[key] for run in runs if run.get(key) is not None]
+            if len(values) == len(runs):
+                row[key], row[f"{key}_seed_std"] = float(np.mean(values)), float(np.std(values, ddof=1))
+        row["wall_seconds"] = {step: sum(run["wall_seconds"].get(step, 0.0) for run in runs)
+                               for step in runs[0]["wall_seconds"]}
+    return row
 
 
-def compare(ours: dict, base: dict, metrics: list[str], resamples: int, seed: int) -> dict[str, dict]:
-    """{metric: {"estimate", "ci95"}} of ours − baseline (throughput: ours / baseline) for each of `metrics`.
-
-    rfid/psnr/lpips: paired on the same validation images (the same bootstrap resamples; a t-interval of the
-    per-image differences). gfid: independent bootstrap resamples of the two sample sets against their common
-    reference. throughput: the ratio of medians, with the widest ratio of the two ranges over timed batches.
-    """
-    from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
-    from shared.metrics.intervals import mean_interval
-
-    result = {}
-    if {"rfid", "psnr", "lpips"} & set(metrics):
-        ours_file, base_file = _paired_per_image(ours, base)
-        for metric in ("psnr", "lpips"):
-            if metric in metrics:
-                interval = mean_interval(ours_file[metric] - base_file[metric])
-                result[metric] = {"estimate": interval["mean"], "ci95": interval["ci95"]}
-        if "rfid" in metrics:
-            fids = [FrechetBootstrap(f["fake_features"], real=f["real_features"]) for f in (ours_file, base_file)]
-            change = difference(*fids, paired=True, resamples=resamples, seed=seed)
-            result["rfid"] = {"estimate": change["difference"], "ci95": change["ci95"]}
-    if "gfid" in metrics:
-        if ours["files"]["reference"] != base["files"]["reference"]:
-            raise ConfigError(f"{ours['label']} and {base['label']} were evaluated against different references")
-        with np.load(base["files"]["reference"]) as reference:
-            statistics = (reference["mu"], reference["sigma"])
-        fids = [FrechetBootstrap(np.load(row["files"]["sample_features"]), reference=statistics)
-                for row in (ours, base)]
-        change = difference(*fids, paired=False, resamples=resamples, seed=seed)
-        result["gfid"] = {"estimate": change["difference"], "ci95": change["ci95"]}
-    if "throughput" in metrics:
-        ours_speed, base_speed = ours["images_per_s"], base["images_per_s"]
-        ours_range, base_range = ours_speed["range"]["total"], base_speed["range"]["total"]
-        result["throughput"] = {"estimate": ours_speed["total"] / base_speed["total"],
-                                "ci95": [ours_range[0] / base_range[1], ours_range[1] / base_range[0]]}
-    return result
-
-
-def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 0) -> list[dict]:
-    """The paper's claims on the rows the preset names (chosen before any result), each with the interval of its
-    difference and the verdict of shared.metrics.intervals.verdict: never written by hand."""
-    plan = [("equal_compression", ["rfid", "psnr", "lpips", "gfid"], PAPER["equal_compression"]),
-            ("speedup", ["throughput", "gfid"], PAPER["speedup"])]
-    result = []
-    for name, metrics, paper in plan:
-        roles = spec.get(name)
-        if not roles or roles["baseline"] not in rows or roles["ours"] not in rows:
-            continue
-        ours, base = rows[roles["ours"]], rows[roles["baseline"]]
-        for metric, measured in compare(ours, base, metrics, resamples, seed).items():
-            # A ratio is compared with 1, a difference with 0.
-            offset = 1.0 if metric == "throughput" else 0.0
-            interval = None if measured["ci95"] is None else [bound - offset for bound in measured["ci95"]]
-            result.append({"claim": name, "metric": metric, "ours": ours["label"], "baseline": base["label"],
-                           **measured, "paper": paper[metric], "paper_direction": PAPER_DIRECTION[metric],
-                           "verdict": verdict(interval, PAPER_DIRECTION[metric])})
-    return result
-
-
-# The paper's numbers behind each claim (SPEC.md, ImageNet 256 px).
-PAPER = {
-    "equal_compression": {"rfid": "f8: SD-VAE 0.74 → ε-VAE (M) 0.47", "psnr": "f8: 25.68 → 27.65 dB",
-                          "lpips": "not reported", "gfid": "f8: SD-VAE 11.63 → ε-VAE (M) 9.39 (−19%)"},
-    "speedup": {"throughput": "ε-VAE (M) f16 1192 vs SD-VAE f8 522 images/1000 s: 2.28×",
-                "gfid": "ε-VAE (M) f16 10.68 vs SD-VAE f8 11.63"},
-}
+def cell(row: dict, key: str, spec: str = ".1f", source: Callable[[dict], dict] = lambda run: run) -> str:
+    """A table cell: with one run, the value and its interval over the images; with several, the mean over seeds
+    and each seed's value (the spread that training-seed variance gives)."""
+    runs = [source(run) for run in row.get("runs") or [row]]
+    if len(runs) == 1:
+        return format_interval(runs[0].get(key), runs[0].get(f"{key}_ci95"), spec)
+    values = [run.get(key) for run in runs]
+    if any(value is None for value in values):
+        return "n/a"
+    return f"{np.mean(values):{spec}} ({' / '.join(f'{value:{spec}}' for value in values)})"
 
 
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
     # A one-pass decoder (the VAE) has a single rFID; diffusion decoders one per NFE of the sweep.
     sweep = sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
+    scales = sorted({scale for row in rows for scale in row.get("gfid_by_cfg", {})}, key=float)
+    resolutions = sorted({px for row in rows for px in row.get("by_resolution", {})}, key=int)
     lines = [f"# Reproduction: {meta['preset']}", "",
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}; {meta['compute_minutes']:.1f} min in the pipeline steps "
-             f"({meta['wall_minutes']:.1f} min in the last invocation, NFE sweep included)", "",
-             "Brackets are 95% intervals: FID ± 1.96 bootstrap standard deviations over the images, PSNR/LPIPS "
-             "Student t over the images, images/s the range over the timed batches.", "",
-             f"| tokenizer | latent | rFID (NFE {' / '.join(map(str, sweep))}) | rFID | PSNR | LPIPS | gFID | images/s: "
-             f"DiT / decode / end-to-end |", "|---|---|---|---|---|---|---|---|"]
+             f"({meta['wall_minutes']:.1f} min in the last invocation, sweeps included)", "",
+             "A row trained with one seed shows 95% intervals over the images in brackets: FID ± 1.96 bootstrap "
+             "standard deviations, PSNR/LPIPS Student t, images/s the range over the timed batches. A row trained "
+             "with several seeds shows the mean over seeds and, in parentheses, each seed's value.", "",
+             f"| tokenizer | latent | seeds | rFID (NFE {' / '.join(map(str, sweep))}) | rFID | PSNR | LPIPS (VGG) | "
+             f"gFID | " + "".join(f"gFID, CFG {scale} | " for scale in scales) + "images/s: DiT / decode / end-to-end |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(scales) + "---|"]
     for row in rows:
         by_nfe = row["rfid_by_nfe"]
         rfid = (f"{next(iter(by_nfe.values())):.1f} (one pass)" if len(by_nfe) == 1 else
                 " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—" for nfe in sweep))
         speed = row["images_per_s"]
-        lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | {rfid} | "
-                     f"{format_interval(row['rfid'], row['rfid_ci95'])} | "
-                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | "
-                     f"{format_interval(row['lpips'], row['lpips_ci95'], '.3f')} | "
-                     f"{format_interval(row['gfid'], row['gfid_ci95'])} | {speed['ldm']:.1f} / {speed['decode']:.1f} / "
-                     f"{format_interval(speed['total'], speed['range']['total'])} |")
+        guided = "".join(f"{cell(row, 'gfid', source=lambda run, s=scale: run.get('gfid_by_cfg', {}).get(s, {}))} | "
+                         for scale in scales)
+        speeds = "n/a" if speed is None else (f"{speed['ldm']:.1f} / {speed['decode']:.1f} / "
+                                              f"{format_interval(speed['total'], speed['range']['total'])}")
+        lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | "
+                     f"{len(row.get('runs') or [row])} | {rfid} | {cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | "
+                     f"{cell(row, 'lpips', '.3f')} | {cell(row, 'gfid')} | {guided}{speeds} |")
+    if any(row.get("noise_std") is not None for row in rows):
+        lines += ["", "Decoder diagnostics (the same images): noise σ is the per-pixel standard deviation between "
+                      "decodes of the same latents with other noise (grey levels), seed-mean PSNR the PSNR of their "
+                      "average, chroma HF the high-frequency colour energy of the reconstructions over the originals'; "
+                      "LPIPS with AlexNet beside the VGG above" + "".join(f"; rFID and PSNR at {px} px, the "
+                      f"tokenizers trained at {rows[0]['resolution']} px" for px in resolutions[:1]) + ".", "",
+                  "| tokenizer | noise σ | seed-mean PSNR | chroma HF | LPIPS (Alex) | " +
+                  "".join(f"rFID at {px} px | PSNR at {px} px | " for px in resolutions),
+                  "|---|---|---|---|---|" + "---|---|" * len(resolutions)]
+        for row in rows:
+            at = "".join(f"{cell(row, 'rfid', source=lambda run, p=px: run.get('by_resolution', {}).get(p, {}))} | "
+                         f"{cell(row, 'psnr', '.2f', lambda run, p=px: run.get('by_resolution', {}).get(p, {}))} | "
+                         for px in resolutions)
+            lines.append(f"| {row['label']} | {cell(row, 'noise_std', '.2f')} | {cell(row, 'seed_mean_psnr', '.2f')} | "
+                         f"{cell(row, 'chroma_hf_ratio', '.2f')} | {cell(row, 'lpips_alex', '.3f')} | {at}")
     settings = rows[0]["generation_settings"] if rows else {}
     subset = rows[0]["reconstruction_subset"] if rows else {}
     lines += ["", f"Reconstruction: {subset.get('images')} of {subset.get('of')} {subset.get('split')} images "
@@ -316,6 +332,8 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
                   f"pipeline's decoder NFE. gFID: {settings.get('num_samples')} samples, {settings.get('sampler')} "
                   f"{settings.get('steps')} steps, CFG {settings.get('cfg_scale')}, decoder NFE "
                   f"{settings.get('decoder_nfe')}, reference {settings.get('reference')}.", ""]
+    if meta.get("missing_runs"):
+        lines += [f"Not yet finished, so not in this table: {', '.join(meta['missing_runs'])}.", ""]
     if floor:
         lines += [f"Floor: {floor['num_images']} real validation images (class-stratified) score FID "
                   f"{format_interval(floor['fid'], floor['fid_ci95'])} against the same reference: the best gFID possible "
@@ -324,22 +342,25 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
         lines += ["## Claims", "",
                   "Computed, never written by hand: reproduced where the 95% interval of the difference (ours − "
                   "baseline; throughput: the ratio) excludes no change in the paper's direction, contradicted where it "
-                  "excludes it the other way, inconclusive otherwise.", "",
-                  "| claim | ours vs baseline | quantity | change [95% interval] | paper | verdict |",
-                  "|---|---|---|---|---|---|"]
+                  "excludes it the other way, inconclusive otherwise. With several seeds the interval is over the "
+                  "per-seed paired differences and the images (pipelines/claims.py); with one seed it is over the "
+                  "images alone and ignores training-seed variance.", "",
+                  "| claim | ours vs baseline | quantity | seeds | change [95% interval] | per-seed changes | paper | "
+                  "verdict |", "|---|---|---|---|---|---|---|---|"]
         for item in claim:
             unit = "×" if item["metric"] == "throughput" else ""
             digits = 3 if item["metric"] in ("lpips", "throughput") else 2
+            per_seed = " / ".join(f"{value:.{digits}f}" for value in item.get("per_seed") or []) or "—"
             lines.append(f"| {item['claim'].replace('_', ' ')} | {item['ours']} vs {item['baseline']} | "
-                         f"{item['metric']} ({item['paper_direction']} is better) | "
-                         f"{format_interval(item['estimate'], item['ci95'], f'.{digits}f')}{unit} | {item['paper']} | "
-                         f"**{item['verdict']}** |")
+                         f"{item['metric']} ({item['paper_direction']} is better) | {item.get('seeds', 1)} | "
+                         f"{format_interval(item['estimate'], item['ci95'], f'.{digits}f')}{unit} | {per_seed} | "
+                         f"{item['paper']} | **{item['verdict']}** |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], out: Path) -> None:
     figure, axis = plt.subplots(figsize=(5, 4))
-    for row in rows:
+    for row in (row for row in rows if row["gfid"] is not None and row["images_per_s"] is not None):
         low, high = row["gfid_ci95"] or (row["gfid"], row["gfid"])
         axis.errorbar(row["images_per_s"]["total"], row["gfid"], yerr=[[row["gfid"] - low], [high - row["gfid"]]],
                       fmt="o", capsize=3)
@@ -378,30 +399,58 @@ def main(cfg: DictConfig) -> dict:
     return reproduce(cfg, name, selected_rows(preset, "tokenizers", name), extra)
 
 
+def run_steps(cfg, preset: dict) -> list[str]:
+    """The step folders of a finished run of a preset's row: the main job's and the sweeps'."""
+    nfes = [] if cfg.tokenizer.kind == "vae" else [nfe for nfe in preset.get("nfe_sweep", []) if nfe != cfg.decode.nfe]
+    scales = preset.get("cfg_sweep", []) if "sample" in cfg.pipeline.steps else []
+    return [*cfg.pipeline.steps, *(f"reconstruct_nfe{nfe}" for nfe in nfes),
+            *(f"reconstruct_{px}px" for px in preset.get("resolution_sweep", [])),
+            *(f"{step}_cfg{scale:g}" for scale in scales for step in ("sample", "evaluate"))]
+
+
+def train_and_measure(cfg, preset: dict) -> tuple[dict, Pipeline]:
+    """Run (or resume) one run of a row, the main job and the preset's sweeps: (its record, its pipeline).
+    `pipeline.steps=[tokenizer,reconstruct]` measures the reconstruction claims alone (no DiT, no guidance sweep)."""
+    pipeline = Pipeline(cfg)
+    report = pipeline.run()
+    sweep = nfe_sweep(cfg, pipeline, preset.get("nfe_sweep", [cfg.decode.nfe]))
+    resolutions = resolution_sweep(cfg, pipeline, preset.get("resolution_sweep", []))
+    guided = guidance_sweep(cfg, pipeline, preset.get("cfg_sweep", []) if "sample" in cfg.pipeline.steps else [])
+    return run_record(cfg, pipeline, report, sweep, resolutions, guided), pipeline
+
+
 def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
-    """Run (or resume) every row of `preset`, with the overrides `extra` on each, and write the results folder;
-    returns what results.json holds."""
+    """Run (or resume) every run of every row of `preset` (one per seed of a row's `seeds`), with the overrides
+    `extra` on each, and write the results folder; returns what results.json holds. reproduce.train=false trains
+    and measures nothing: it tabulates the runs that have finished and lists the others as missing."""
     out = results_folder(cfg, name)
     began = time.perf_counter()
-    rows = []
+    rows, missing, run_cfg = [], [], None
     for entry in preset["tokenizers"]:
-        row_cfg = run_config(preset, name, entry, extra)
-        print(f"== {entry['label']}: {compression(row_cfg)} ({row_cfg.name})", flush=True)
-        pipeline = Pipeline(row_cfg)
-        report = pipeline.run()
-        sweep = nfe_sweep(row_cfg, pipeline, preset.get("nfe_sweep", [row_cfg.decode.nfe]))
-        rows.append(row_of(entry, row_cfg, pipeline, report, sweep))
-        for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),
-                               (pipeline.folder("reconstruct") / f"reconstructions_nfe{row_cfg.decode.nfe}.png",
-                                f"reconstructions_{entry['slug']}.png")):
-            if source.is_file():
-                shutil.copyfile(source, out / target)
-    floor = real_data_floor(row_cfg)
-    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), row_cfg.evaluate.bootstrap,
-                   row_cfg.evaluate.subset_seed)
+        runs = []
+        for seed in entry.get("seeds", [None]):
+            run_cfg = run_config(preset, name, entry, extra, seed)
+            if not cfg.reproduce.train and not all(finished_result(Pipeline(run_cfg).folder(step)) is not None
+                                                   for step in run_steps(run_cfg, preset)):
+                missing.append(str(run_cfg.name))
+                continue
+            print(f"== {entry['label']}: {compression(run_cfg)} ({run_cfg.name})", flush=True)
+            record, pipeline = train_and_measure(run_cfg, preset)
+            runs.append(record)
+            if len(runs) == 1:  # the grids of a row are its first run's
+                for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),
+                                       (pipeline.folder("reconstruct") / f"reconstructions_nfe{run_cfg.decode.nfe}.png",
+                                        f"reconstructions_{entry['slug']}.png")):
+                    if source.is_file():
+                        shutil.copyfile(source, out / target)
+        if runs:
+            rows.append(row_of(entry, run_cfg, runs))
+    floor = real_data_floor(run_cfg)
+    claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), run_cfg.evaluate.bootstrap,
+                   run_cfg.evaluate.subset_seed)
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
-            "compute_minutes": sum(sum(row["wall_seconds"].values()) for row in rows) / 60}
+            "compute_minutes": sum(sum(row["wall_seconds"].values()) for row in rows) / 60, "missing_runs": missing}
     results = {"meta": meta, "rows": rows, "claims": claim, "real_data_floor": floor}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(render_table(rows, claim, meta, floor))

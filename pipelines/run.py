@@ -37,6 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "pipeline": ("pipelines.pipeline:main", "the main job: tokenizer -> cache -> ldm -> sample -> evaluate + report"),
     "reproduce": ("pipelines.reproduce:main", "the paper's claims, several main jobs and one table: reproduce=PRESET"),
     "ablation": ("pipelines.ablation:main", "the paper's ablation ladder (Table 5): reproduce=ladder32"),
+    "pilot": ("pipelines.pilot:main", "short trainings and a decode sweep that fix a recipe: reproduce=fair32_pilot"),
     "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
     "import": ("pipelines.interop:import_weights", "weights of diffusers or facebookresearch/DiT -> a checkpoint"),
     "export": ("pipelines.interop:export_weights", "a checkpoint -> diffusers folder, DiT .pt or safetensors folder"),

@@ -20,7 +20,7 @@ from shared.errors import ConfigError
 
 @dataclass(frozen=True)
 class Rule:
-    """What a value must be: a whole number or any real, within bounds, optionally null."""
+    """What a value must be: a whole number or any real, within bounds, optionally null or a name."""
 
     integer: bool
     low: float = -math.inf
@@ -28,10 +28,13 @@ class Rule:
     low_open: bool = False   # low < value instead of low <= value
     high_open: bool = False  # value < high instead of value <= high
     nullable: bool = False
+    named: bool = False      # a string (a name the stage resolves) is accepted too
 
     def accepts(self, value) -> bool:
         if value is None:
             return self.nullable
+        if isinstance(value, str):
+            return self.named
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.integer and not isinstance(value, int):
@@ -50,7 +53,7 @@ class Rule:
             bounds = f" {'>' if self.low_open else '>='} {self.low:g}"
         else:
             bounds = ""
-        return kind + bounds + (", or null" if self.nullable else "")
+        return kind + bounds + (", or null" if self.nullable else "") + (", or a name" if self.named else "")
 
 
 COUNT = Rule(integer=True, low=1)                       # sizes, steps, intervals: at least one
@@ -95,7 +98,10 @@ RULES: tuple[tuple[str, Rule], ...] = (
     # from their class, which no method here intends.
     ("*.cfg_scale", NON_NEGATIVE),
     ("sample.num_per_class", COUNT),
-    ("sample.labels.*", NON_NEGATIVE_INT),
+    ("sample.labels.*", Rule(integer=True, low=0, named=True)),   # a class index, or its name or wnid
+    ("sample.cfg_interval.*", Rule(integer=False, low=0, high=1)),
+    ("sample.timestep_shift", POSITIVE),
+    ("sample.ddim_eta", Rule(integer=False, low=0, high=1)),       # above 1 the DDIM step's variance is undefined
     ("reconstruct.num_images", OPTIONAL_COUNT),
     ("reconstruct.grid_images", NON_NEGATIVE_INT),
     ("evaluate.reference_images", OPTIONAL_COUNT),

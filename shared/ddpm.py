@@ -15,6 +15,9 @@ trains Σ_θ only (the mean is left to L_simple), in bits per dimension:
     L_vlb = −log p_θ(x_0 | x_1) / log 2, p_θ discretised to 256 bins on [-1, 1]   t = 0
 Respacing keeps a subset of the steps and recomputes β from ᾱ at the kept steps, β_k = 1 − ᾱ_k / ᾱ_{k'} for
 consecutive kept steps k' < k: the marginals q(x_k | x_0) are unchanged and sampling needs fewer steps.
+DDIM (Song et al. 2021) samples the same marginals from ε̂ alone, on the same (respaced) chain:
+    x_{t-1} = √ᾱ_{t-1} x̂_0 + √(1 − ᾱ_{t-1} − σ_t²) ε̂ + σ_t z,   σ_t = η √((1 − ᾱ_{t-1}) / (1 − ᾱ_t)) √(1 − ᾱ_t / ᾱ_{t-1}),
+deterministic at η = 0, with the ancestral sampler's β̃_t as variance at η = 1.
 """
 from __future__ import annotations
 
@@ -180,4 +183,23 @@ class GaussianDiffusion:
             x = prediction.mean
             if step > 0:
                 x = x + torch.exp(0.5 * prediction.log_variance) * torch.randn_like(x)
+        return x
+
+    @torch.no_grad()
+    def ddim_sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                    eta: float, progress: bool = False) -> torch.Tensor:
+        """DDIM from x = noise at the last step down to x_0 (ADM's ddim_sample, without clipping x̂_0): ε̂ from the
+        network's first C channels (a learned variance is not used) and σ_t = η √β̃_t, the module's formula (β_t
+        of this chain is 1 − ᾱ_t / ᾱ_{t-1}). The final step adds no noise and lands on x̂_0 (ᾱ_{-1} = 1, β̃ = 0).
+        model_fn as for `sample`."""
+        x = noise
+        for step in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddim"):
+            t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
+            eps, _ = self.split_output(model_fn(x, self.model_time(t)).to(x.dtype))
+            x0 = self.predict_x0(x, t, eps)
+            alpha_bar_prev = self.alphas_cumprod_prev[step].item()
+            sigma = eta * self.posterior_variance[step].sqrt().item()
+            x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn_like(x)
         return x

@@ -5,7 +5,10 @@ Convention (SPEC.md): t = 0 is data, t = 1 is pure noise.
     v        = dx_t/dt = ε - x0                         velocity target of G(x_t, t, ·)
     x̂0       = x_t - t · v̂                             one-step image estimate from a velocity prediction
     ε̂        = x_t + (1 - t) · v̂                       (the matching noise estimate)
-Sampling integrates dx/dt = v̂ from t = 1 down to t = 0 on a time grid.
+Sampling integrates dx/dt = v̂ from t = 1 down to t = 0 on a time grid (Euler, Heun), or follows the reverse SDE of
+the same marginals (SiT's Euler–Maruyama sampler, `sde_sample`). A timestep shift s (SD3, LightningDiT) moves a
+grid's times towards the noise end, t' = s t / (1 + (s − 1) t), so that more steps fall where the image's layout
+forms.
 
 Noise scaling γ (Chen 2023, "On the importance of noise scheduling"): the flow runs on the scaled data γ·x0, so
 at every t the signal-to-noise ratio is γ² times lower, and the network input is renormalised to unit variance:
@@ -77,6 +80,26 @@ def uniform_grid(steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, steps + 1)
 
 
+# SiT's default --last-step-size: its SDE sampler ends with one noiseless step of this size onto the data.
+SDE_LAST_STEP = 0.04
+
+
+def sde_grid(steps: int) -> torch.Tensor:
+    """SiT's SDE times, steps + 1 from 1 to 0: steps − 1 Euler–Maruyama steps, uniform from 1 down to
+    SDE_LAST_STEP, then the last, noiseless step to 0."""
+    if steps < 2:
+        raise ValueError(f"the SDE sampler needs at least two steps (its last one denoises), got {steps}")
+    return torch.cat([torch.linspace(1.0, SDE_LAST_STEP, steps), torch.zeros(1)])
+
+
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t' = s t / (1 + (s − 1) t): 0 and 1 stay, s > 1 moves every time towards the noise end (t' = 0.75 at
+    t = 0.5 for s = 3), s = 1 leaves t exactly as it is. Computed in float64, so that float32 end points stay
+    exactly 0 and 1."""
+    wide = t.double()
+    return (shift * wide / (1 + (shift - 1) * wide)).to(t.dtype)
+
+
 def time_grid(steps: int, kind: str = "reversed_log") -> torch.Tensor:
     if steps < 1:
         raise ValueError(f"need at least one sampling step, got {steps}")
@@ -113,4 +136,26 @@ def heun_sample(velocity_fn, noise: torch.Tensor, grid: torch.Tensor) -> torch.T
             continue
         v_next = velocity_fn(x_euler, torch.full_like(t, t_next))
         x = x + (t_next - t_now) * 0.5 * (v_now + v_next)
+    return x
+
+
+@torch.no_grad()
+def sde_sample(velocity_fn, noise: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """SiT's SDE sampler (transport.Sampler.sample_sde with its defaults: Euler–Maruyama, diffusion form "sigma",
+    last step "Mean") in this module's time, from grid[0] (= 1, x = noise) to grid[-1] (= 0).
+
+    The reverse SDE that shares the flow's marginals, with diffusion coefficient w(t) = t (SiT's σ_t) and the
+    score ∇ log p_t(x) = −ε̂ / t read off the velocity (ε̂ = x + (1 − t) v̂), steps from t to t − h as
+        x ← x − h (v̂ − w ∇ log p_t) + √(2 w h) z = x − h (v̂ + ε̂) + √(2 t h) z,   z ~ N(0, I);
+    the last step takes the same drift without noise (it lands on the data). One velocity_fn call per step.
+    """
+    x = noise
+    steps = list(zip(grid[:-1].tolist(), grid[1:].tolist()))
+    for index, (t_now, t_next) in enumerate(steps):
+        t = torch.full((x.shape[0],), t_now, device=x.device, dtype=x.dtype)
+        velocity = velocity_fn(x, t)
+        h = t_now - t_next
+        x = x - h * (velocity + noise_from_velocity(x, t, velocity))
+        if index < len(steps) - 1:
+            x = x + math.sqrt(2 * t_now * h) * torch.randn_like(x)
     return x

@@ -2,9 +2,11 @@
 
     python pipelines/run.py stage=sample ldm.checkpoint=outputs/ldm/RUN sample.cfg_scale=1.5 decode.nfe=3
 
-Writes to the run folder: images/<index>_c<label>.png, grid.png, samples.npz (the ADM evaluator's layout: arr_0
-uint8 N×H×W×3, arr_1 labels) and result.json with images/s of the LDM part, the decoding part and the whole: the
-median over the full batches, after an untimed warm-up batch of the same size, with the range.
+Writes to the run folder: images/<index>_c<label>.png, grid.png (a row per class, its index and name beside it),
+samples.npz (the ADM evaluator's layout: arr_0 uint8 N×H×W×3, arr_1 labels) and result.json with the sampling
+settings and images/s of the LDM part, the decoding part and the whole: the median over the full batches, after an
+untimed warm-up batch of the same size, with the range. The `sample:` section of the config chooses the sampler
+and its options (stage2_ldm/objective.py), and the classes, by index or name (stage2_ldm/classes.py).
 """
 from __future__ import annotations
 
@@ -24,28 +26,48 @@ from shared.errors import ConfigError, DataError
 from shared.runtime import synchronize
 from shared.train.checkpoint import resolve_checkpoint
 from stage1_tokenizer.tokenizer import load_tokenizer
+from stage2_ldm.classes import ClassNames
 from stage2_ldm.dit import load_dit
 from stage2_ldm.objective import build_objective
 
 
-def labels_to_sample(sample_cfg: DictConfig, num_classes: int) -> torch.Tensor:
-    """sample.labels if given, else sample.num_per_class of every class, class-major: (N,) int64."""
+def names_a_class(labels) -> bool:
+    """Whether sample.labels gives any class by name or wnid (a string) instead of its index."""
+    return labels is not None and any(isinstance(label, str) for label in labels)
+
+
+def labels_to_sample(sample_cfg: DictConfig, num_classes: int, classes: ClassNames | None) -> torch.Tensor:
+    """sample.labels (indices, or names and wnids resolved by `classes`) if given, else sample.num_per_class of
+    every class, class-major: (N,) int64."""
     if sample_cfg.labels is not None:
-        labels = torch.tensor(list(sample_cfg.labels), dtype=torch.long)
+        if names_a_class(sample_cfg.labels) and classes is None:
+            raise ConfigError(f"sample.labels={list(sample_cfg.labels)} names classes, but the data lists no class "
+                              "names: give class indices")
+        indices = [classes.index(label) if isinstance(label, str) else label for label in sample_cfg.labels]
+        labels = torch.tensor(indices, dtype=torch.long)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= num_classes:
-            raise ConfigError(f"sample.labels must be class indices in [0, {num_classes}), got {list(sample_cfg.labels)}")
+            raise ConfigError(f"sample.labels must be class indices in [0, {num_classes}) or class names, got "
+                              f"{list(sample_cfg.labels)}")
         return labels
     if sample_cfg.num_per_class < 1:
         raise ConfigError(f"sample.num_per_class={sample_cfg.num_per_class} must be at least 1 (or give sample.labels)")
     return torch.arange(num_classes).repeat_interleave(sample_cfg.num_per_class)
 
 
+def sampling_options(sample_cfg: DictConfig) -> dict:
+    """The keyword arguments of Objective.sample that the `sample:` section sets (checked there)."""
+    interval = sample_cfg.cfg_interval
+    return {"cfg_scale": sample_cfg.cfg_scale, "cfg_interval": None if interval is None else list(interval),
+            "sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "timestep_shift": sample_cfg.timestep_shift,
+            "ddim_eta": sample_cfg.ddim_eta}
+
+
 @torch.no_grad()
-def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: float, sampler: str | None,
-             steps: int | None, nfe: int, batch_size: int, device: torch.device, autocast, warmup: bool = True,
+def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, sampling: dict, nfe: int, batch_size: int,
+             device: torch.device, autocast, warmup: bool = True,
              progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
-    """Images (N, 3, H, W) in [-1, 1] for `labels`, and per batch {"images", "ldm", "decode"}: its size and the
-    seconds spent in the DiT sampler and in decoding.
+    """Images (N, 3, H, W) in [-1, 1] for `labels`, sampled with the options `sampling` (`sampling_options`), and
+    per batch {"images", "ldm", "decode"}: its size and the seconds spent in the DiT sampler and in decoding.
 
     warmup: first sample and decode one untimed batch of the real size, so lazy initialisation (kernels, allocator,
     thread pools, autotuning for that shape) is not counted as throughput.
@@ -59,7 +81,7 @@ def generate(dit, config: dict, tokenizer, labels: torch.Tensor, *, cfg_scale: f
         synchronize(device)
         began = time.perf_counter()
         with autocast():
-            latents = objective.sample(dit, noise, batch_labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps)
+            latents = objective.sample(dit, noise, batch_labels, **sampling)
         synchronize(device)
         sampled = time.perf_counter()
         with autocast():
@@ -107,19 +129,35 @@ def preview_grid(cfg: DictConfig, step: int, dit, config: dict, runtime) -> None
         return
     tokenizer = load_tokenizer(tokenizer_path(config, None), runtime.device, use_ema=bool(cfg.decode.use_ema))
     labels = torch.arange(min(config["num_classes"], 8)).repeat(2)
-    images, _ = generate(dit.eval(), config, tokenizer, labels, cfg_scale=cfg.sample.cfg_scale,
-                         sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
-                         batch_size=len(labels), device=runtime.device, autocast=runtime.autocast, warmup=False)
+    images, _ = generate(dit.eval(), config, tokenizer, labels, sampling=sampling_options(cfg.sample),
+                         nfe=cfg.decode.nfe, batch_size=len(labels), device=runtime.device, autocast=runtime.autocast,
+                         warmup=False)
     save_image_grid(images, runtime.run_dir / "samples" / f"step_{step:07d}.png", nrow=len(labels) // 2)
 
 
-def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, classes: int = 16,
-                    per_class: int = 8) -> None:
-    """One row per class (the first `classes` sampled), up to `per_class` of its samples: classes read by eye."""
-    rows = [torch.nonzero(labels == label).flatten()[:per_class] for label in labels.unique()[:classes]]
-    width = max(len(row) for row in rows)
-    cells = [images[row[i]] if i < len(row) else torch.zeros_like(images[0]) for row in rows for i in range(width)]
-    save_image_grid(torch.stack(cells), path, nrow=width)
+def save_class_grid(images: torch.Tensor, labels: torch.Tensor, path: Path, classes: ClassNames | None,
+                    rows: int = 16, per_class: int = 8) -> None:
+    """One row per class (the first `rows` sampled), up to `per_class` of its samples, with the class's index and
+    name (from `classes`; None: the index alone) beside it: classes read by eye."""
+    shown = labels.unique()[:rows].tolist()
+    members = [torch.nonzero(labels == label).flatten()[:per_class] for label in shown]
+    width = max(len(row) for row in members)
+    cells = [images[row[i]] if i < len(row) else torch.zeros_like(images[0]) for row in members for i in range(width)]
+    row_labels = [classes.label(label) if classes else str(label) for label in shown]
+    save_image_grid(torch.stack(cells), path, nrow=width, row_labels=row_labels)
+
+
+def data_classes(cfg: DictConfig, num_classes: int, log) -> ClassNames | None:
+    """The DiT's class names from the data config. Where it cannot list them (another data set, no names, no
+    files here) the grid's rows are labelled by index alone, with a warning, unless sample.labels names a class:
+    then that is the error."""
+    try:
+        return ClassNames.of_data(cfg.data, num_classes)
+    except (ConfigError, DataError) as error:
+        if names_a_class(cfg.sample.labels):
+            raise
+        log.warning("the class grid is labelled by class index only: %s", error)
+        return None
 
 
 def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, tokenizer_checkpoint: str | Path | None = None,
@@ -133,10 +171,11 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, tokenizer_chec
         dit, config = load_dit(ldm_checkpoint, runtime.device, use_ema=True)
         tokenizer_checkpoint = tokenizer_path(config, tokenizer_checkpoint)
         tokenizer = load_tokenizer(tokenizer_checkpoint, runtime.device, use_ema=bool(cfg.decode.use_ema))
-        labels = labels_to_sample(cfg.sample, config["num_classes"])
+        classes = data_classes(cfg, config["num_classes"], runtime.log)
+        labels = labels_to_sample(cfg.sample, config["num_classes"], classes)
         indices = torch.arange(len(labels))[runtime.rank :: runtime.world_size]
-        images, timings = generate(dit, config, tokenizer, labels[indices], cfg_scale=cfg.sample.cfg_scale,
-                                   sampler=cfg.sample.sampler, steps=cfg.sample.steps, nfe=cfg.decode.nfe,
+        sampling = sampling_options(cfg.sample)
+        images, timings = generate(dit, config, tokenizer, labels[indices], sampling=sampling, nfe=cfg.decode.nfe,
                                    batch_size=cfg.sample.batch_size, device=runtime.device, autocast=runtime.autocast,
                                    progress=cfg.progress and runtime.is_main)
         names = [f"{int(i):06d}_c{int(labels[i])}" for i in indices]
@@ -148,11 +187,11 @@ def sample_to_folder(cfg: DictConfig, ldm_checkpoint: str | Path, tokenizer_chec
             written = open_images(runtime.run_dir / "images")
             everything = written.read(0, len(written))
             write_npz(runtime.run_dir / "samples.npz", everything, labels=labels)
-            save_class_grid(everything, labels, runtime.run_dir / "grid.png")
+            save_class_grid(everything, labels, runtime.run_dir / "grid.png", classes)
             sampler, steps = build_objective(OmegaConf.create(config)).sampling(cfg.sample.sampler, cfg.sample.steps)
             metrics = {
-                "num_samples": len(labels), "batch_size": cfg.sample.batch_size, "cfg_scale": cfg.sample.cfg_scale,
-                "sampler": sampler, "steps": steps, "decoder_nfe": cfg.decode.nfe,
+                "num_samples": len(labels), "batch_size": cfg.sample.batch_size,
+                **sampling, "sampler": sampler, "steps": steps, "decoder_nfe": cfg.decode.nfe,
                 "objective": config["objective"], "device": str(runtime.device),
                 "images_per_s": throughput(timings),
                 "seconds": {part: sum(t[part] for t in timings) for part in ("ldm", "decode")},

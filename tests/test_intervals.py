@@ -1,10 +1,13 @@
 """Interval maths on constructed inputs with known answers, and the verdict rule."""
 import numpy as np
 import pytest
+from scipy import stats
 
 from shared.metrics.fid import feature_statistics, frechet_distance
 from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
-from shared.metrics.intervals import mean_interval, normal_interval, verdict
+from shared.metrics.intervals import (mean_interval, normal_interval, paired_image_differences,
+                                      replicate_evaluation_variance, seeded_difference,
+                                      seeded_difference_of_differences, verdict)
 
 
 def test_mean_interval_of_a_textbook_sample():
@@ -68,3 +71,140 @@ def test_bootstrap_spread_shrinks_with_more_samples_and_differences_of_equal_set
     shifted = difference(FrechetBootstrap(fake + 1.0, reference=(mu, sigma)), FrechetBootstrap(fake, reference=(mu, sigma)),
                          paired=False, resamples=50)
     assert verdict(shifted["ci95"], "lower") == "contradicted"  # moving the samples off the reference is worse
+
+
+def two_arm_experiments(experiments, seeds, images, *, seed_std, image_std, interaction_std, difference, rng):
+    """Per-image metric values (experiments, seeds, images) of two arms from a two-level model: the arms share each
+    image's difficulty; ours − baseline = difference + seed effect u_s + image effect v_i + seed × image noise."""
+    difficulty = rng.normal(30.0, 3.0, size=(experiments, 1, images))
+    baseline = difficulty + rng.normal(0, interaction_std / np.sqrt(2), size=(experiments, seeds, images))
+    ours = (difficulty + difference + rng.normal(0, seed_std, size=(experiments, seeds, 1))
+            + rng.normal(0, image_std, size=(experiments, 1, images))
+            + rng.normal(0, interaction_std / np.sqrt(2), size=(experiments, seeds, images)))
+    return ours, baseline
+
+
+@pytest.mark.parametrize("seed_std", [0.2, 0.6])
+def test_seeded_difference_covers_the_true_difference_and_an_image_only_interval_does_not(seed_std):
+    # S = 3, N = 200, image part σ²_v/N = 0.02 beside a seed part σ²_u/S of 0.013 (alike) or 0.12 (6 x, where an
+    # interval of √(a + b) with a Welch–Satterthwaite ν covers only ~92%); the seed-averaged per-image differences
+    # alone (mean_interval) cover far less.
+    truth = 0.5
+    ours, baseline = two_arm_experiments(2000, 3, 200, seed_std=seed_std, image_std=2.0, interaction_std=1.0,
+                                         difference=truth, rng=np.random.default_rng(0))
+    seeded, image_only = [], []
+    for ours_values, baseline_values in zip(ours, baseline):
+        low, high = seeded_difference(*paired_image_differences(ours_values, baseline_values))["ci95"]
+        seeded.append(low <= truth <= high)
+        low, high = mean_interval((ours_values - baseline_values).mean(axis=0))["ci95"]
+        image_only.append(low <= truth <= high)
+    assert 0.94 <= np.mean(seeded) <= 0.99
+    assert np.mean(image_only) < 0.91 and np.mean(seeded) - np.mean(image_only) > 0.04
+
+
+def test_without_seed_variance_the_interval_is_the_normal_interval_of_the_evaluation_part():
+    result = seeded_difference([0.4, 0.4, 0.4], 0.01)
+    assert result["ci95"] == pytest.approx(normal_interval(0.4, 0.1))
+    assert result["dof"] == 2 and result["seed_variance"] == 0 and result["evaluation_std"] == pytest.approx(0.1)
+    # per-image values whose ours − baseline has no seed part: the same d_s (up to rounding) in every seed
+    rng = np.random.default_rng(4)
+    baseline = rng.normal(25.0, 2.0, size=(3, 50))
+    effect = rng.normal(0.5, 1.0, size=50)
+    differences, evaluation_variance = paired_image_differences(baseline + effect, baseline)
+    assert evaluation_variance == pytest.approx(effect.var(ddof=1) / 50)
+    assert seeded_difference(differences, evaluation_variance)["ci95"] == pytest.approx(
+        normal_interval(effect.mean(), np.sqrt(evaluation_variance)))
+
+
+def test_without_evaluation_variance_the_interval_is_the_student_t_interval_over_seeds():
+    differences = [0.9, 1.4, 0.6, 1.1]
+    result = seeded_difference(differences, 0.0)
+    assert result["ci95"] == pytest.approx(mean_interval(differences)["ci95"])
+    assert result["dof"] == pytest.approx(3) and result["seeds"] == 4 and result["evaluation_std"] == 0
+    assert result["seed_std"] == pytest.approx(np.std(differences, ddof=1))
+    # both parts, each with its own quantile: t with S − 1 dof for the seeds, normal for the evaluation
+    both = seeded_difference(differences, 0.01)
+    a = np.var(differences, ddof=1) / 4
+    assert both["seed_variance"] == pytest.approx(a) and both["std"] == pytest.approx(np.sqrt(a + 0.01))
+    half_width = np.sqrt(stats.t.ppf(0.975, 3) ** 2 * a + stats.norm.ppf(0.975) ** 2 * 0.01)
+    assert both["ci95"] == pytest.approx([np.mean(differences) - half_width, np.mean(differences) + half_width])
+    # more evaluation variance never narrows the interval
+    widths = [np.diff(seeded_difference(differences, b)["ci95"])[0] for b in (0.0, 0.001, 0.01, 0.1)]
+    assert widths == sorted(widths)
+
+
+def test_a_single_seed_is_flagged_and_uses_the_evaluation_part_alone():
+    result = seeded_difference([0.7], 0.04)
+    assert result["seeds"] == 1 and result["seed_variance"] is None and result["seed_std"] is None
+    assert result["dof"] is None and result["ci95"] == pytest.approx(normal_interval(0.7, 0.2))
+    differences, evaluation_variance = paired_image_differences([3.0, 5.0, 4.0], [1.0, 2.0, 3.0])  # one seed, 1-D
+    assert differences == pytest.approx([2.0]) and evaluation_variance == pytest.approx(1.0 / 3)
+    assert seeded_difference(differences, evaluation_variance)["seeds"] == 1
+
+
+def test_paired_image_differences_average_over_the_same_finite_images():
+    ours = np.array([[3.0, 5.0, np.inf, 6.0], [4.0, 4.0, 7.0, 8.0]])
+    baseline = np.array([[1.0, 2.0, 3.0, 3.0], [1.0, 3.0, 5.0, 4.0]])
+    differences, evaluation_variance = paired_image_differences(ours, baseline)
+    # image 2 is left out of both seeds: d = [mean(2, 3, 3), mean(3, 1, 4)], seed-averaged per image (2.5, 2, 3.5)
+    assert differences == pytest.approx([8 / 3, 8 / 3])
+    assert evaluation_variance == pytest.approx(np.var([2.5, 2.0, 3.5], ddof=1) / 3)
+    with pytest.raises(ValueError):
+        paired_image_differences(ours, baseline[:, :3])
+    with pytest.raises(ValueError):
+        paired_image_differences([[1.0, np.nan]], [[0.0, 0.0]])
+    with pytest.raises(ValueError):
+        seeded_difference([], 0.1)
+    with pytest.raises(ValueError):
+        seeded_difference([1.0, 2.0], -0.1)
+
+
+def test_replicate_evaluation_variance_is_the_variance_of_the_seed_averaged_replicates():
+    rng = np.random.default_rng(5)
+    shift = rng.normal(size=100)  # the image resample's effect on the difference, shared by the seeds
+    replicates = np.array([1.0, 2.0, 4.0])[:, None] + shift[None, :] * np.array([0.5, 1.0, 1.5])[:, None]
+    assert replicate_evaluation_variance(replicates) == pytest.approx(shift.var(ddof=1))
+    # seeds whose resample effects cancel: the seed average does not move, whatever each seed's own spread
+    assert replicate_evaluation_variance(np.stack([shift, -shift])) == pytest.approx(0, abs=1e-12)
+    assert replicate_evaluation_variance(shift) == pytest.approx(shift.var(ddof=1))  # one seed
+    with pytest.raises(ValueError):
+        replicate_evaluation_variance(np.ones((3, 1)))
+
+
+def test_verdicts_of_seeded_differences():
+    # PSNR (higher is better): a clear win, a clear loss, a tie
+    assert verdict(seeded_difference([1.0, 1.2, 0.9], 0.01)["ci95"], "higher") == "reproduced"
+    assert verdict(seeded_difference([-1.0, -1.2, -0.9], 0.01)["ci95"], "higher") == "contradicted"
+    assert verdict(seeded_difference([0.3, -0.2, 0.1], 0.01)["ci95"], "higher") == "inconclusive"
+    # FID (lower is better), the evaluation part from paired-bootstrap replicates
+    replicates = np.array([-2.0, -2.5, -1.8])[:, None] + np.random.default_rng(6).normal(0, 0.3, size=(1, 200))
+    fid = seeded_difference(replicates.mean(axis=1), replicate_evaluation_variance(replicates))
+    assert verdict(fid["ci95"], "lower") == "reproduced"
+    assert verdict(seeded_difference([2.0, 2.5, 1.8], fid["evaluation_std"] ** 2)["ci95"], "lower") == "contradicted"
+    # seeds that disagree: the images alone would call it, the seeds do not
+    assert verdict(normal_interval(np.mean([1.0, 0.1, 0.6]), 0.05), "higher") == "reproduced"
+    assert verdict(seeded_difference([1.0, 0.1, 0.6], 0.0025)["ci95"], "higher") == "inconclusive"
+
+
+def test_a_difference_of_seeded_differences_adds_the_seed_parts_and_borrows_a_missing_one():
+    high, low = np.array([-3.0, -2.0, -2.6]), np.array([-1.0, -1.4, -0.7])
+    both = seeded_difference_of_differences(high, low, 0.02)
+    parts = [np.var(high, ddof=1) / 3, np.var(low, ddof=1) / 3]
+    dof = sum(parts) ** 2 / sum(part ** 2 / 2 for part in parts)
+    half_width = np.sqrt(stats.t.ppf(0.975, dof) ** 2 * sum(parts) + stats.norm.ppf(0.975) ** 2 * 0.02)
+    assert both["estimate"] == pytest.approx(high.mean() - low.mean()) and both["dof"] == pytest.approx(dof)
+    assert both["ci95"] == pytest.approx([both["estimate"] - half_width, both["estimate"] + half_width])
+    assert not both["borrowed_seed_variance"] and both["seeds"] == 3
+    # a lower group without spread: the same interval as the higher group's own seeded difference
+    flat = seeded_difference_of_differences(high, np.zeros(3), 0.02)
+    assert flat["ci95"] == pytest.approx(seeded_difference(high, 0.02)["ci95"])
+    # one seed at the higher compression: it takes the lower group's seed variance, with that group's dof
+    single = seeded_difference_of_differences([-2.5], low, 0.02)
+    borrowed = np.var(low, ddof=1) * (1 + 1 / 3)
+    half_width = np.sqrt(stats.t.ppf(0.975, 2) ** 2 * borrowed + stats.norm.ppf(0.975) ** 2 * 0.02)
+    assert single["borrowed_seed_variance"] and single["seed_variance"] == pytest.approx(borrowed)
+    assert single["ci95"] == pytest.approx([-2.5 - low.mean() - half_width, -2.5 - low.mean() + half_width])
+    # one seed in both: the evaluation part alone, flagged as ignoring seed variance
+    alone = seeded_difference_of_differences([-2.5], [-1.0], 0.04)
+    assert alone["seeds"] == 1 and alone["seed_variance"] is None
+    assert alone["ci95"] == pytest.approx(normal_interval(-1.5, 0.2))

@@ -10,7 +10,7 @@ import torch
 from shared.data.transforms import quantize_to_uint8
 from shared.errors import ConfigError
 from shared.metrics.image_quality import psnr, ssim
-from shared.metrics.lpips import LPIPS, torchvision_backbone_state_dict
+from shared.metrics.lpips import LPIPS, secondary_net, torchvision_backbone_state_dict
 
 
 def image_pair(batch: int = 3, size: int = 64, noise: float = 0.3, seed: int = 0):
@@ -64,9 +64,12 @@ def test_lpips_is_frozen_but_differentiable_with_respect_to_inputs():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_lpips_rejects_unknown_backbones():
+def test_lpips_rejects_unknown_backbones_and_names_the_other_one_as_secondary():
     with pytest.raises(ConfigError, match="squeeze"):
         LPIPS("squeeze")
+    with pytest.raises(ConfigError, match="squeeze"):
+        secondary_net("squeeze")
+    assert secondary_net("vgg") == "alex" and secondary_net("alex") == "vgg"
 
 
 # ------------------------------------------------------------------------------------------ PSNR / SSIM

@@ -61,7 +61,7 @@ def test_metrics_main_prints_exactly_one_json_line(tmp_path, capsys):
 def test_compare_images_without_matching_names_gives_the_fid_of_the_fake_set_against_the_real_one(tmp_path):
     save_images(random_images(3, 32, seed=2), tmp_path / "a", ["x", "y", "z"])
     write_npz(tmp_path / "b.npz", random_images(4, 48, seed=3))  # other names and size: fine for FID
-    result = compare.compare_images(tmp_path / "a", tmp_path / "b.npz", "cpu", bootstrap=20)
+    result = compare.compare_images(tmp_path / "a", tmp_path / "b.npz", "cpu", lpips_net="alex", bootstrap=20)
     assert not result["paired"] and "psnr" not in result and "lpips" not in result
     assert result["num_real"] == 3 and result["num_fake"] == 4 and result["fid"] > 0
     # `real` is the reference, as stage=evaluate's: the same figure and spread as the fake set evaluated against the
@@ -87,13 +87,14 @@ def test_compare_images_of_pairs_gives_means_with_intervals_and_leaves_identical
     real, fake = image_folders(tmp_path, count=4)
     names = [f"class_{i % 2}/image_{i}" for i in range(4)]
     save_images(open_images(real).read(0, 1), fake, names[:1])  # pair 0 now identical
-    result = compare.compare_images(real, fake, "cpu", bootstrap=20)
+    result = compare.compare_images(real, fake, "cpu", lpips_net="vgg", bootstrap=20)
     per_pair = psnr(open_images(real).read(0, 4), open_images(fake).read(0, 4))
     assert per_pair[0] == float("inf") and result["identical_pairs"] == 1
     assert result["psnr"] == pytest.approx(per_pair[1:].mean().item())
-    for name in ("psnr", "ssim", "lpips"):
+    for name in ("psnr", "ssim", "lpips", "lpips_alex"):  # the secondary LPIPS too, beside the reported VGG one
         low, high = result[f"{name}_ci95"]
         assert low < result[name] < high
+    assert result["lpips_net"] == "vgg" and "lpips_vgg" not in result
     assert result["fid_std"] > 0 and result["bootstrap_resamples"] == 20
 
 
@@ -101,9 +102,9 @@ def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path)
     save_images(random_images(2, 32, seed=4), tmp_path / "small", ["a", "b"])
     save_images(random_images(2, 40, seed=5), tmp_path / "large", ["a", "b"])
     with pytest.raises(DataError, match="equal sizes"):
-        compare.compare_images(tmp_path / "small", tmp_path / "large", "cpu")
+        compare.compare_images(tmp_path / "small", tmp_path / "large", "cpu", lpips_net="alex")
     with pytest.raises(DataError, match="missing_folder"):
-        compare.compare_images(tmp_path / "missing_folder", tmp_path / "small", "cpu")
+        compare.compare_images(tmp_path / "missing_folder", tmp_path / "small", "cpu", lpips_net="alex")
     cfg = load_config(["stage=metrics", f"real={tmp_path / 'small'}", "device=cpu"], tmp_path)
     with pytest.raises(DataError, match="fake="):
         compare.main(cfg)
@@ -112,12 +113,13 @@ def test_paired_sets_of_different_sizes_and_bad_paths_raise_data_error(tmp_path)
 def test_paired_metrics_see_float_images_as_saved_and_lay_out_the_stage_keys():
     real = random_images(4, 32, seed=8)
     fake = (real + 0.1 * random_images(4, 32, seed=9)).clamp(-1, 1)
-    as_float, as_saved = (PairedMetrics("cpu") for _ in range(2))
+    as_float, as_saved = (PairedMetrics("cpu", "alex") for _ in range(2))
     as_float.update(real[:3], fake[:3])
     as_float.update(real[3:], fake[3:])
     as_saved.update(quantize_to_uint8(real), quantize_to_uint8(fake))
     floats, saved = as_float.arrays(), as_saved.arrays()
-    assert list(floats) == ["psnr", "ssim", "lpips", "real_features", "fake_features"] and as_float.count == 4
+    assert list(floats) == ["psnr", "ssim", "lpips", "lpips_vgg", "real_features", "fake_features"]
+    assert as_float.count == 4
     for name in ("psnr", "ssim"):  # of the saved images either way
         np.testing.assert_array_equal(floats[name], saved[name])
     np.testing.assert_allclose(floats["real_features"], saved["real_features"], rtol=1e-4, atol=1e-4)
@@ -125,7 +127,7 @@ def test_paired_metrics_see_float_images_as_saved_and_lay_out_the_stage_keys():
     assert summary["psnr"]["n"] == 4 and summary["fid"]["resamples"] == 10
     assert list(flat_metrics(summary, names={"fid": "rfid"})) == [
         "rfid", "rfid_std", "rfid_ci95", "bootstrap_resamples", "psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips",
-        "lpips_ci95"]
+        "lpips_ci95", "lpips_vgg", "lpips_vgg_ci95"]
 
 
 # ------------------------------------------------------------------------------------------ stage=evaluate

@@ -54,6 +54,19 @@ def test_a_pipeline_folder_refuses_a_rerun_with_a_different_config(tmp_path):
     assert "Traceback" not in changed.stderr
 
 
+def test_a_key_added_to_the_configs_after_a_folder_was_made_is_no_difference(tmp_path):
+    # The record of a folder made before `reconstruct.noise_seeds` existed: the key's default keeps that behaviour.
+    first = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]")
+    record = tmp_path / "pipeline" / "smoke" / "pipeline_config.yaml"
+    assert record.is_file(), first.stderr
+    record.write_text(record.read_text().replace("  noise_seeds: 2\n", ""))
+    assert "noise_seeds" not in record.read_text()
+    again = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", check=False)
+    assert again.returncode == 0, again.stderr
+    changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "reconstruct.num_images=31", check=False)
+    assert changed.returncode != 0 and "reconstruct.num_images: 32 -> 31" in changed.stderr
+
+
 def test_the_main_job_s_tokenizer_reconstructs_recognisably(tmp_path):
     """README's first command must show a working tokenizer: at least 20 dB PSNR at its decoder NFE (seed 0)."""
     common = ["experiment=smoke", f"output_root={tmp_path}", "seed=0", "wandb.mode=disabled", "progress=false"]

@@ -5,6 +5,7 @@ import shlex
 import numpy as np
 import pytest
 
+from pipelines import claims as claims_lib
 from pipelines import reproduce
 from pipelines.configs import group_config
 from shared.errors import ConfigError
@@ -72,7 +73,7 @@ def test_common_settings_become_the_overrides_hydra_reads():
 
 
 def test_claims_are_computed_from_the_intervals_of_the_named_rows(rows):
-    claims = {(c["claim"], c["metric"]): c for c in reproduce.claims(rows, SPEC, resamples=50)}
+    claims = {(c["claim"], c["metric"]): c for c in claims_lib.claims(rows, SPEC, resamples=50)}
     assert set(claims) == {("equal_compression", m) for m in ("rfid", "psnr", "lpips", "gfid")} | {
         ("speedup", "throughput"), ("speedup", "gfid")}
     psnr = claims[("equal_compression", "psnr")]
@@ -86,9 +87,63 @@ def test_claims_are_computed_from_the_intervals_of_the_named_rows(rows):
     assert claims[("speedup", "gfid")]["verdict"] == "inconclusive"  # both sample sets shifted alike
     slower = {**rows, "eps16": {**rows["eps16"], "images_per_s": {
         "total": 5.0, "range": {"total": [4.0, 6.0]}}}}
-    assert [c["verdict"] for c in reproduce.claims(slower, {"speedup": SPEC["speedup"]}, resamples=20)
+    assert [c["verdict"] for c in claims_lib.claims(slower, {"speedup": SPEC["speedup"]}, resamples=20)
             if c["metric"] == "throughput"] == ["contradicted"]
-    assert reproduce.claims(rows, {"speedup": {"baseline": "vae", "ours": "missing"}}) == []
+    assert claims_lib.claims(rows, {"speedup": {"baseline": "vae", "ours": "missing"}}) == []
+
+
+def seeded_row(tmp_path, slug, seed_offsets, *, resolution_offset=0.0):
+    """A row trained with one seed per entry of `seed_offsets` (its PSNR offset in that seed), each run with its own
+    per-image files at 32 px and, shifted by `resolution_offset`, at 64 px."""
+    runs = []
+    for seed, offset in enumerate(seed_offsets):
+        run = row(tmp_path, f"{slug}_s{seed}", offset, 0.3, 10.0, {"3": 5.0})
+        file_64 = tmp_path / f"{slug}_s{seed}_64px.npz"
+        with np.load(run["files"]["per_image"]) as at_32:
+            np.savez(file_64, **{**dict(at_32), "psnr": at_32["psnr"] + resolution_offset})
+        runs.append({**run, "seed": seed, "files": {**run["files"], "per_image_64px": str(file_64)}})
+    return {**runs[0], "label": slug.upper(), "slug": slug, "runs": runs}
+
+
+def test_seeded_rows_are_compared_seed_by_seed_with_the_seed_spread_in_the_interval(rows, tmp_path):
+    vae = seeded_row(tmp_path, "vae", [0.0, 0.0, 0.0])
+    steady = seeded_row(tmp_path, "steady", [1.0, 1.1, 0.9])  # the same gain in every seed
+    erratic = seeded_row(tmp_path, "erratic", [3.0, -1.0, 1.0])  # the same mean gain, seeds that disagree
+    seeded = {"vae": vae, "steady": steady, "erratic": erratic}
+    found = {(c["ours"], c["metric"]): c for name in ("steady", "erratic") for c in claims_lib.claims(
+        seeded, {"equal_compression": {"baseline": "vae", "ours": name}}, resamples=20)}
+    steady_psnr, erratic_psnr = found[("STEADY", "psnr")], found[("ERRATIC", "psnr")]
+    assert steady_psnr["seeds"] == 3 and steady_psnr["per_seed"] == pytest.approx([1.0, 1.1, 0.9])
+    assert steady_psnr["estimate"] == pytest.approx(1.0) and steady_psnr["verdict"] == "reproduced"
+    assert erratic_psnr["estimate"] == pytest.approx(1.0) and erratic_psnr["verdict"] == "inconclusive"
+    assert np.diff(erratic_psnr["ci95"])[0] > 5 * np.diff(steady_psnr["ci95"])[0]
+    assert found[("STEADY", "rfid")]["seeds"] == 3 and found[("STEADY", "gfid")]["seeds"] == 3
+    # a row of one seed against one of three: only the shared seed is compared, and the claim says so
+    single = claims_lib.claims({"vae": vae, "one": {**seeded_row(tmp_path, "one", [1.0]), "label": "ONE"}},
+                               {"equal_compression": {"baseline": "vae", "ours": "one"}}, resamples=20)
+    assert {claim["seeds"] for claim in single} == {1}
+    table = reproduce.render_table([vae, erratic], found and [found[("ERRATIC", "psnr")]],
+                                   {"preset": "t", "command": "c", "machine": "m", "date": "d", "wall_minutes": 1.0,
+                                    "compute_minutes": 1.0})
+    assert "| ERRATIC | f8×4 (4×8×8) | 3 |" in table and "| 3.00 / -1.00 / 1.00 |" in table
+
+
+def test_the_compression_trend_and_resolution_claims(tmp_path):
+    rows = {"vae_f4": seeded_row(tmp_path, "vae_f4", [0.0, 0.0, 0.0]),
+            "eps_f4": seeded_row(tmp_path, "eps_f4", [-1.0, -0.9, -1.1], resolution_offset=2.0),
+            "vae_f8": seeded_row(tmp_path, "vae_f8", [0.0]),
+            "eps_f8": seeded_row(tmp_path, "eps_f8", [1.0])}
+    spec = {"compression_trend": {"f4": {"baseline": "vae_f4", "ours": "eps_f4"},
+                                  "f8": {"baseline": "vae_f8", "ours": "eps_f8"}},
+            "resolution": {"baseline": "vae_f4", "ours": "eps_f4", "resolution": 64}}
+    found = {(c["claim"], c["metric"]): c for c in claims_lib.claims(rows, spec, resamples=20)}
+    trend = found[("compression_trend", "psnr")]
+    # the gap is −1 dB at f4 and +1 dB at f8: it grows with compression by 2 dB, the f8 seed variance borrowed
+    assert trend["estimate"] == pytest.approx(2.0) and trend["borrowed_seed_variance"]
+    assert trend["verdict"] == "reproduced" and found[("compression_trend", "rfid")]["seeds"] == 1
+    resolution = found[("resolution", "psnr")]
+    assert resolution["estimate"] == pytest.approx(1.0) and resolution["verdict"] == "reproduced"
+    assert found[("resolution", "psnr")]["paper"].startswith("not reported")
 
 
 def test_claims_refuse_rows_measured_on_different_images_or_references(rows, tmp_path):
@@ -98,20 +153,20 @@ def test_claims_refuse_rows_measured_on_different_images_or_references(rows, tmp
     other_images = {**rows, "eps8": {**rows["eps8"], "files": {**rows["eps8"]["files"],
                                                                  "per_image": str(tmp_path / "moved.npz")}}}
     with pytest.raises(ConfigError, match="different images"):
-        reproduce.claims(other_images, SPEC, resamples=5)
+        claims_lib.claims(other_images, SPEC, resamples=5)
     other_reference = {**rows, "eps8": {**rows["eps8"], "files": {**rows["eps8"]["files"],
                                                                     "reference": str(tmp_path / "other.npz")}}}
     with pytest.raises(ConfigError, match="different references"):
-        reproduce.claims(other_reference, {"speedup": {"baseline": "vae", "ours": "eps8"}}, resamples=5)
+        claims_lib.claims(other_reference, {"speedup": {"baseline": "vae", "ours": "eps8"}}, resamples=5)
 
 
 def test_table_and_plots_are_written(rows, tmp_path):
     chosen = [rows["vae"], rows["eps8"]]
-    claims = reproduce.claims(rows, {"equal_compression": SPEC["equal_compression"]}, resamples=20)
+    claims = claims_lib.claims(rows, {"equal_compression": SPEC["equal_compression"]}, resamples=20)
     meta = {"preset": "test", "command": "python pipelines/reproduce.py", "machine": "m", "date": "d",
             "wall_minutes": 1.0, "compute_minutes": 2.0}
     table = reproduce.render_table(chosen, claims, meta)
-    assert "| EPS8 | f8×4 (4×8×8) | 6.0 / 4.0 | 1.0 [0.8, 1.2] | 20.00 [19.50, 20.50] |" in table
+    assert "| EPS8 | f8×4 (4×8×8) | 1 | 6.0 / 4.0 | 1.0 [0.8, 1.2] | 20.00 [19.50, 20.50] |" in table
     psnr = next(c for c in claims if c["metric"] == "psnr")
     assert f"{psnr['estimate']:.2f} [{psnr['ci95'][0]:.2f}, {psnr['ci95'][1]:.2f}]" in table
     assert "**reproduced**" in table and "## Claims" in table

@@ -2,7 +2,7 @@
 PYTHONPATH=. .venv/bin/python results/ladder32/diagnostic_grid_vs_nfe.py > results/ladder32/diagnostic_grid_vs_nfe.json"""
 # Post-hoc diagnostic of the last rung: separates the NFE change (5 -> 3) from the grid change (uniform -> reversed log).
 import json
-from pipelines.reproduce import compare
+from pipelines.claims import compare
 from shared.metrics.intervals import verdict
 runs = "/work/runs/outputs/pipeline"
 gamma5 = {"label": "γ 0.6, uniform grid, NFE 5", "files": {"per_image": f"{runs}/reproduce_ladder32_gamma/reconstruct/per_image_nfe5.npz"}}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from shared.data.transforms import IMAGE_EXTENSIONS, quantize_to_uint8, to_rgb
 from shared.errors import DataError
@@ -241,15 +241,36 @@ def save_images(images: torch.Tensor, folder: str | Path, names: Sequence[str]) 
     return paths
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """A PNG grid of float (B, 3, H, W) images in [-1, 1] (or uint8), `nrow` images per row, 2 px black gaps."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
+                    row_labels: Sequence[str] | None = None) -> Path:
+    """A PNG grid of float (B, 3, H, W) images in [-1, 1] (or uint8), `nrow` images per row, 2 px black gaps;
+    with `row_labels`, one text per row, written in a column left of the grid."""
     images = torch.as_tensor(images)
     pixels = images if images.dtype == torch.uint8 else quantize_to_uint8(images)
     grid = torchvision.utils.make_grid(pixels.cpu(), nrow=nrow, padding=2, pad_value=0)  # (3, H', W') uint8
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if row_labels is not None:
+        picture = _with_row_labels(picture, row_labels, row_height=images.shape[-2] + 2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    picture.save(path)
     return path
+
+
+def _with_row_labels(grid: Image.Image, labels: Sequence[str], row_height: int) -> Image.Image:
+    """`grid` behind a column holding labels[r] beside row r (rows `row_height` px apart after the 2 px top gap),
+    white on black in PIL's default font."""
+    font = ImageFont.load_default()
+    boxes = [ImageDraw.Draw(grid).textbbox((0, 0), label, font=font) for label in labels]  # (left, top, right, bottom)
+    margin = 4
+    width = max(right for _, _, right, _ in boxes) + 2 * margin
+    canvas = Image.new("RGB", (width + grid.width, grid.height))
+    canvas.paste(grid, (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, (label, (_, top, _, bottom)) in enumerate(zip(labels, boxes)):
+        centre = 2 + row * row_height + (row_height - 2) // 2
+        draw.text((margin, centre - (top + bottom) // 2), label, fill="white", font=font)
+    return canvas
 
 
 def save_comparison_grid(originals: torch.Tensor, reconstructions: torch.Tensor, path: str | Path,

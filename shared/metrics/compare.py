@@ -4,8 +4,10 @@ Each side is a folder of PNG/JPEG images or an ADM-layout .npz. The sets pair up
 same relative file stems, or two .npz files of equal length). Every figure comes with its spread, by the rules of
 the stages that produce such sets:
 - paired sets (originals and reconstructions, as stage=reconstruct): the FID's bootstrap resamples draw the same pairs
-  of both sides (rFID); PSNR / SSIM / LPIPS are means over pairs with their Student-t 95% intervals. An identical
-  pair's PSNR is +inf and has no place in a mean: such pairs are counted in `identical_pairs` and left out of it.
+  of both sides (rFID); PSNR / SSIM / LPIPS are means over pairs with their Student-t 95% intervals, LPIPS with
+  `lpips_net` and, as a secondary figure, with the other backbone (`lpips_<net>`; shared/metrics/paired.py). An
+  identical pair's PSNR is +inf and has no place in a mean: such pairs are counted in `identical_pairs` and left out
+  of it.
 - other sets (samples against real images, as stage=evaluate): `real` is the reference, its statistics fixed, and
   the FID's bootstrap resamples the `fake` images (gFID).
 `evaluate.bootstrap` resamples (0: no spread). Prints one JSON line, the result it writes to its run folder.
@@ -41,11 +43,12 @@ def _paired_pass(real: ImageSet, fake: ImageSet, metrics: PairedMetrics, batch_s
         metrics.update(real_batch, fake_batch)
 
 
-def compare_images(real: str | Path, fake: str | Path, device: torch.device | str, lpips_net: str = "alex",
+def compare_images(real: str | Path, fake: str | Path, device: torch.device | str, lpips_net: str,
                    batch_size: int = 64, progress: bool = False, bootstrap: int = 0, seed: int = 0) -> dict:
     """{"num_real", "num_fake", "paired", "fid", "fid_std", "fid_ci95", "bootstrap_resamples"} and, when paired,
-    {"psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips", "lpips_ci95", "identical_pairs", "lpips_net"} (see the
-    module's docstring). bootstrap: resamples for the FID's spread, drawn from `seed`."""
+    {"psnr", "psnr_ci95", "ssim", "ssim_ci95", "lpips", "lpips_ci95", "lpips_<other net>", "lpips_<other net>_ci95",
+    "identical_pairs", "lpips_net"} (see the module's docstring). bootstrap: resamples for the FID's spread, drawn
+    from `seed`."""
     device = torch.device(device)
     real_set, fake_set = open_images(real), open_images(fake)
     paired = real_set.names == fake_set.names

@@ -7,6 +7,35 @@
   duplicated images) is biased further, so a percentile interval of bootstrap FIDs can miss the estimate itself.
 - `verdict(interval, direction)`: "reproduced" only when the interval of a difference (ours − baseline) excludes zero
   in the paper's direction, "contradicted" when it excludes zero the other way, "inconclusive" otherwise.
+- `seeded_difference(per_seed_differences, evaluation_variance)`: the interval of (ours − baseline) for two arms
+  trained with S seeds each and evaluated on the same N images; `paired_image_differences(ours, baseline)` gives its
+  inputs for per-image metrics from (S, N) arrays, `replicate_evaluation_variance(replicates)` the evaluation
+  variance of a statistic that is not a per-image mean (FID) from (S, R) paired-bootstrap replicate differences.
+
+Differences between training arms. Seed s of both arms shares the data order and the encoder initialisation, so the
+seeds pair up and the comparison works on the per-seed paired differences d_s = metric(ours, s) − metric(baseline, s).
+Their mean is the estimate, with two parts of variance,
+    a = var_s(d_s, ddof=1) / S   (training seeds),   b = V_eval   (image sampling),
+and the 95% interval  estimate ± √(t²_{0.975, S−1} · a + z²_{0.975} · b): each part with the quantile of its own
+degrees of freedom (S − 1 for the seeds; N images, N large, for the evaluation). Both parts are needed: the spread of
+d_s over seeds holds no image-sampling variance, because every seed is evaluated on the same images (an image that
+favours ours does so in every seed and moves every d_s alike), while an interval from the images alone (one seed,
+or the seed-averaged per-image differences) holds no training-seed variance. With a two-level model
+d_si = δ + u_s + v_i + w_si (seed, image, seed × image interaction), a estimates σ²_u/S + σ²_w/(SN) and b (for
+per-image metrics: var_i(mean_s d_si, ddof=1)/N) estimates σ²_v/N + σ²_w/(SN), while the estimate's variance is
+σ²_u/S + σ²_v/N + σ²_w/(SN): the interaction is counted twice, which overstates the variance slightly.
+Why not √(a + b) with a Welch–Satterthwaite ν: that ν is itself estimated from S − 1 degrees of freedom, and a seed
+part that comes out small by chance both narrows the interval and raises ν; simulated with S = 3, N = 200 it covered
+the true difference in only about 92% of experiments where the seed part is 5–20 times the evaluation part, and
+adding a small b could narrow the interval. The rule here never narrows with b and covered 95–98% in every setting
+simulated (tests/test_intervals.py holds a coverage test): the honest price of three seeds is the t quantile of 2
+degrees of freedom (4.30). A two-level bootstrap (resample seeds, then images) is no substitute: 3 seeds have only
+10 distinct resampled multisets, and the variance of a resampled seed mean is (S − 1)/S of the unbiased estimate (a
+third too small at S = 3) before the normal or percentile quantile drops the small-sample widening as well. With one
+seed no seed part can be estimated: the interval is the evaluation part's alone and the result says so ("seeds": 1,
+"seed_variance": None), for callers to report that it ignores training-seed variance.
+`seeded_difference_of_differences` compares two such differences (e.g. the ε-VAE − VAE gap at f8 against f4): the
+seed parts of the two groups add up (a group of one seed takes the other's seed variance, and says so).
 """
 from __future__ import annotations
 
@@ -63,3 +92,118 @@ def verdict(interval: list[float] | None, direction: str) -> str:
     if high < 0:
         return "contradicted"
     return "inconclusive"
+
+
+def _seed_spread(differences: np.ndarray) -> float | None:
+    """std(d_s, ddof=1); None for one seed, exactly 0 for identical d_s (their computed std can be 1e-17)."""
+    if len(differences) == 1:
+        return None
+    return 0.0 if np.ptp(differences) == 0 else float(differences.std(ddof=1))
+
+
+def _checked(per_seed_differences, evaluation_variance) -> tuple[np.ndarray, float]:
+    differences = np.asarray(per_seed_differences, dtype=np.float64).reshape(-1)
+    if len(differences) == 0:
+        raise ValueError("no per-seed differences")
+    if not np.all(np.isfinite(differences)):
+        raise ValueError(f"per-seed differences must be finite, got {differences.tolist()}")
+    evaluation_variance = float(evaluation_variance)
+    if not (math.isfinite(evaluation_variance) and evaluation_variance >= 0):
+        raise ValueError(f"the evaluation variance must be finite and >= 0, got {evaluation_variance}")
+    return differences, evaluation_variance
+
+
+def _two_part_interval(estimate: float, seed_variance: float, dof: int | None, evaluation_variance: float,
+                       confidence: float) -> list[float]:
+    """estimate ± √(t²_dof · a + z² · b): each part of the variance with the quantile of its degrees of freedom."""
+    z = float(stats.norm.ppf((1 + confidence) / 2))
+    t = z if dof is None else float(stats.t.ppf((1 + confidence) / 2, dof))
+    half_width = math.sqrt(t ** 2 * seed_variance + z ** 2 * evaluation_variance)
+    return [estimate - half_width, estimate + half_width]
+
+
+def seeded_difference(per_seed_differences, evaluation_variance: float, confidence: float = CONFIDENCE) -> dict:
+    """The interval of the mean of per-seed paired differences d_s (S, ) (ours − baseline, seed s of both arms),
+    widened by `evaluation_variance`, the image-sampling variance of the seed-averaged difference (module docstring).
+
+    Returns {"estimate": mean d_s, "ci95": [low, high], "seeds": S, "seed_std": std(d_s, ddof=1),
+    "seed_variance": a = seed_std² / S, "evaluation_std": √b, "std": √(a + b), "dof": S − 1 (None for one seed)}.
+    S = 1: "seed_std" and "seed_variance" are None and the interval is the evaluation part's alone; it ignores the
+    training-seed variance, which one seed cannot estimate.
+    """
+    differences, b = _checked(per_seed_differences, evaluation_variance)
+    seeds, estimate, seed_std = len(differences), float(differences.mean()), _seed_spread(differences)
+    seed_variance = None if seed_std is None else seed_std ** 2 / seeds
+    dof = None if seed_std is None else seeds - 1
+    return {"estimate": estimate, "ci95": _two_part_interval(estimate, seed_variance or 0.0, dof, b, confidence),
+            "seeds": seeds, "seed_std": seed_std, "seed_variance": seed_variance, "evaluation_std": math.sqrt(b),
+            "std": math.sqrt((seed_variance or 0.0) + b), "dof": dof}
+
+
+def seeded_difference_of_differences(high, low, evaluation_variance: float, confidence: float = CONFIDENCE) -> dict:
+    """The interval of mean(high) − mean(low), two groups of per-seed differences (e.g. ε-VAE − VAE at f8 and at
+    f4) measured on the same images: `evaluation_variance` is that of the difference of their seed means.
+
+    The seed parts add up, s²_high / S_high + s²_low / S_low, with the Welch–Satterthwaite degrees of freedom of
+    that sum; a group of one seed takes the other group's seed variance ("borrowed_seed_variance": True), and two
+    groups of one seed have no seed part (the interval then ignores training-seed variance, "seeds": 1)."""
+    high, b = _checked(high, evaluation_variance)
+    low, _ = _checked(low, 0.0)
+    measured = [(spread ** 2, len(group)) for spread, group in ((_seed_spread(high), high), (_seed_spread(low), low))
+                if spread is not None]
+    borrowed = len(measured) == 1
+    if not measured:
+        seed_variance, dof = 0.0, None
+    elif borrowed:  # one seed variance for both groups, known to its own degrees of freedom
+        seed_variance, dof = measured[0][0] * (1 / len(high) + 1 / len(low)), measured[0][1] - 1
+    else:
+        parts = [(variance / seeds, seeds - 1) for variance, seeds in measured]
+        seed_variance = sum(part for part, _ in parts)
+        dof = None if seed_variance == 0 else seed_variance ** 2 / sum(part ** 2 / freedom for part, freedom in parts)
+    estimate = float(high.mean() - low.mean())
+    return {"estimate": estimate, "ci95": _two_part_interval(estimate, seed_variance, dof, b, confidence),
+            "seeds": min(len(high), len(low)), "seeds_high": len(high), "seeds_low": len(low),
+            "seed_variance": seed_variance if measured else None, "borrowed_seed_variance": borrowed,
+            "evaluation_std": math.sqrt(b), "std": math.sqrt(seed_variance + b), "dof": dof}
+
+
+def paired_image_differences(ours, baseline) -> tuple[np.ndarray, float]:
+    """(per_seed_differences (S, ), evaluation_variance) of a per-image metric (PSNR, SSIM, LPIPS) for
+    `seeded_difference`, from the arms' values of shape (S, N): row s is seed s, column i image i in both arms.
+
+    d_s = mean_i (ours[s, i] − baseline[s, i]); evaluation variance = var_i(mean_s (ours − baseline)[:, i], ddof=1) / N.
+    An image with a non-finite value in any seed of either arm (the infinite PSNR of an exact reconstruction) is left
+    out of every seed, so that all d_s are means over the same images. A 1-D input is one seed.
+    """
+    ours, baseline = (np.asarray(values, dtype=np.float64) for values in (ours, baseline))
+    if ours.shape != baseline.shape:
+        raise ValueError(f"the arms' per-image values differ in shape: {ours.shape} vs {baseline.shape}")
+    if ours.ndim == 1:
+        ours, baseline = ours[None], baseline[None]
+    if ours.ndim != 2:
+        raise ValueError(f"per-image values must have the shape (seeds, images), got {ours.shape}")
+    keep = np.all(np.isfinite(ours) & np.isfinite(baseline), axis=0)
+    differences = ours[:, keep] - baseline[:, keep]
+    images = differences.shape[1]
+    if images < 2:
+        raise ValueError(f"an evaluation variance needs at least 2 images with finite values, got {images}")
+    return differences.mean(axis=1), float(differences.mean(axis=0).var(ddof=1) / images)
+
+
+def replicate_evaluation_variance(replicate_differences) -> float:
+    """The evaluation variance for `seeded_difference` of a statistic that is not a per-image mean (FID): the
+    variance over image resamples r of the seed-averaged replicate difference, var_r(mean_s D[s, r], ddof=1).
+
+    `replicate_differences` (S, R): D[s, r] = statistic(ours, seed s) − statistic(baseline, seed s) on image resample
+    r, the same resample r for every seed and both arms (a paired bootstrap with the same generator seed on the
+    same images: draw the counts of resample r once, e.g. with FrechetBootstrap.resample, and give them to the
+    FIDs of both arms in every seed). A 1-D input is one seed.
+    """
+    replicates = np.asarray(replicate_differences, dtype=np.float64)
+    if replicates.ndim == 1:
+        replicates = replicates[None]
+    if replicates.ndim != 2 or replicates.shape[0] == 0 or replicates.shape[1] < 2:
+        raise ValueError(f"replicate differences must have the shape (seeds, resamples >= 2), got {replicates.shape}")
+    if not np.all(np.isfinite(replicates)):
+        raise ValueError("replicate differences must be finite")
+    return float(replicates.mean(axis=0).var(ddof=1))

