@@ -162,24 +162,24 @@ def compare(ours: dict, base: dict, metrics: list[str], resamples: int, seed: in
     return result
 
 
-def trend(f4: tuple[dict, dict], f8: tuple[dict, dict], metrics: list[str], resamples: int,
+def trend(lower: tuple[dict, dict], higher: tuple[dict, dict], metrics: list[str], resamples: int,
           seed: int) -> dict[str, dict]:
     """{metric: interval} of (ours − baseline at the higher compression) − (ours − baseline at the lower): the
     difference of two seeded differences; both are measured on the same validation images, so an rFID resample
     draws the same images for all four rows."""
     result = {}
     for metric in metrics:
-        high, low, evaluation_variance = _trend_parts(metric, f4, f8, resamples, seed)
+        high, low, evaluation_variance = _trend_parts(metric, lower, higher, resamples, seed)
         result[metric] = seeded_difference_of_differences(high, low, evaluation_variance)
     return result
 
 
-def _trend_parts(metric: str, f4, f8, resamples: int, seed: int):
+def _trend_parts(metric: str, lower: tuple[dict, dict], higher: tuple[dict, dict], resamples: int, seed: int):
     """(d at the higher compression (S,), d at the lower (S',), the evaluation variance of the difference of their
     seed means: per image, or per rFID resample, the same images for all four rows, subtracted before the
     variance)."""
-    pairs_low, pairs_high = paired_runs(*f4), paired_runs(*f8)
-    labels = (f"{f4[0]['label']} / {f8[0]['label']}", f"{f4[1]['label']} / {f8[1]['label']}")
+    pairs_low, pairs_high = paired_runs(*lower), paired_runs(*higher)
+    labels = (f"{lower[0]['label']} / {higher[0]['label']}", f"{lower[1]['label']} / {higher[1]['label']}")
     weights = resample_weights(pairs_low, "per_image", labels, resamples, seed) if metric == "rfid" else None
     low_ours, low_base = per_seed_replicates(metric, pairs_low, labels, key="per_image", weights=weights)
     high_ours, high_base = per_seed_replicates(metric, pairs_high, labels, key="per_image", weights=weights)
@@ -199,7 +199,7 @@ def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 
     result = []
     for name, roles in spec.items():
         if name == "compression_trend":
-            low, high = roles.get("f4") or roles["low"], roles.get("f8") or roles["high"]
+            low, high = roles["lower"], roles["higher"]  # the two compressions, each {baseline, ours}
             needed = [low["ours"], low["baseline"], high["ours"], high["baseline"]]
             if not set(needed) <= set(rows):
                 continue

@@ -9,12 +9,14 @@ no grid or NFE: it is measured once with each kind of weights. At NFE 1 both gri
 so it is measured once. The preset's rule picks, per decoder kind, the setting of lowest rFID; the table shows every
 setting with its intervals so that a reader sees how close the runners-up are.
 
-Writes results/<PRESET>/ (or reproduce.out): table.md, results.json and rfid_by_setting.png. Everything resumes:
+Writes results/<PRESET>/ (or reproduce.out): table.md, results.json, rfid_by_setting.png and the reconstruction grid
+of each decoder kind's chosen setting (reconstructions_<kind>.png). Everything resumes:
 each measurement is a step of its row's pipeline folder (`pilot_<grid>_nfe<N>_<ema|raw>`).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -33,7 +35,7 @@ from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 # What every measurement reports, beside its setting (keys of stage=reconstruct's result; a missing one is None).
 MEASURED = ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "lpips", "lpips_ci95", "lpips_alex", "noise_std",
-            "noise_std_ci95", "seed_mean_psnr", "chroma_hf_ratio", "subset")
+            "noise_std_ci95", "seed_mean_psnr", "chroma_hf_ratio", "subset", "decoder_nfe")
 
 
 def settings(decode_grid: dict, one_pass: bool) -> list[tuple[str | None, int | None]]:
@@ -159,6 +161,11 @@ def main(cfg: DictConfig) -> dict:
         print(f"== {entry['label']} ({row_cfg.name})", flush=True)
         rows.append(pilot_row(entry, row_cfg, preset["decode_grid"]))
     chosen = winners(rows)
+    for kind, best in chosen.items():  # the chosen settings' reconstructions, originals above
+        entry = next(entry for entry in preset["tokenizers"] if entry["slug"] == best["slug"])
+        folder = Pipeline(run_config(preset, name, entry, extra)).folder(
+            step_name(best["grid"], best["nfe"], best["weights"] == "EMA"))
+        shutil.copyfile(folder / f"reconstructions_nfe{best['decoder_nfe']}.png", out / f"reconstructions_{kind}.png")
     subset = rows[0]["measurements"][0]["subset"]  # the same images for every measurement
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,

@@ -445,7 +445,8 @@ def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dic
                         shutil.copyfile(source, out / target)
         if runs:
             rows.append(row_of(entry, run_cfg, runs))
-    floor = real_data_floor(run_cfg)
+    # The floor is what a gFID is read against: a reproduction of the reconstruction claims alone has none to read.
+    floor = real_data_floor(run_cfg) if any(row["gfid"] is not None for row in rows) else None
     claim = claims({row["slug"]: row for row in rows}, preset.get("claims", {}), run_cfg.evaluate.bootstrap,
                    run_cfg.evaluate.subset_seed)
     meta = {"preset": name, "command": command_line(), "machine": machine(),

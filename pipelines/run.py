@@ -51,7 +51,8 @@ def stages_help() -> str:
         "Choose a stage: python pipelines/run.py stage=NAME [key=value ...], with NAME one of\n"
         + "\n".join(lines)
         + "\nPresets: experiment=smoke (embedded data, minutes on a CPU), experiment=imagenette_mini, "
-        "experiment=imagenet256_*; reproduce=small32|paper|ladder32 for stage=reproduce/ablation. See README.md."
+        "experiment=imagenet256_*; reproduce=fair32|small32|paper for stage=reproduce, reproduce=ladder32 for "
+        "stage=ablation, reproduce=fair32_pilot for stage=pilot. See README.md."
     )
 
 

@@ -238,3 +238,29 @@ def test_inception_statistics_stream_batches_from_disk_like_one_batch(tmp_path):
     np.testing.assert_allclose(mu, pool.double().mean(dim=0).numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(streamed.spatial.statistics()[0], spatial.double().mean(dim=0).numpy(),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_seen_before_takes_its_features_from_the_cache_and_another_batch_does_not(monkeypatch):
+    from shared.metrics import fid as fid_module
+
+    calls = []
+
+    def counting_inception(images):
+        calls.append(images.shape[0])
+        return images.float().mean(dim=(2, 3)).repeat(1, 4)  # (B, 12): a stand-in for the pool features
+
+    monkeypatch.setattr(fid_module, "load_inception", lambda device: counting_inception)
+    monkeypatch.setattr(fid_module, "_POOL_CACHE", type(fid_module._POOL_CACHE)())
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    first, again = InceptionStatistics("cpu", keep_features=True), InceptionStatistics("cpu", keep_features=True)
+    first.update(images)
+    again.update(images.clone())  # the same bytes in another tensor
+    assert calls == [3] and torch.equal(first.features(), again.features())
+    changed = images.clone()
+    changed[0, 0, 0, 0] ^= 1  # one grey level of one pixel
+    again.update(changed)
+    assert calls == [3, 3] and not torch.equal(again.features()[3:], first.features())
+    monkeypatch.setattr(fid_module, "POOL_CACHE_BATCHES", 1)
+    InceptionStatistics("cpu").update(torch.zeros_like(images))  # evicts both earlier batches
+    InceptionStatistics("cpu").update(images)
+    assert calls == [3, 3, 3, 3]

@@ -79,3 +79,4 @@ decode_grid: {grid: [uniform, reversed_log], nfe: [1], use_ema: [true, false]}
     folder = tmp_path / "pipeline" / "reproduce_tiny_pilot_eps"
     assert finished_result(folder / "pilot_uniform_nfe1_raw")["use_ema"] is False
     assert "## Chosen by the rule" in (out / "table.md").read_text() and (out / "rfid_by_setting.png").is_file()
+    assert (out / "reconstructions_vae.png").is_file() and (out / "reconstructions_epsvae.png").is_file()

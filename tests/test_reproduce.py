@@ -133,8 +133,8 @@ def test_the_compression_trend_and_resolution_claims(tmp_path):
             "eps_f4": seeded_row(tmp_path, "eps_f4", [-1.0, -0.9, -1.1], resolution_offset=2.0),
             "vae_f8": seeded_row(tmp_path, "vae_f8", [0.0]),
             "eps_f8": seeded_row(tmp_path, "eps_f8", [1.0])}
-    spec = {"compression_trend": {"f4": {"baseline": "vae_f4", "ours": "eps_f4"},
-                                  "f8": {"baseline": "vae_f8", "ours": "eps_f8"}},
+    spec = {"compression_trend": {"lower": {"baseline": "vae_f4", "ours": "eps_f4"},
+                                  "higher": {"baseline": "vae_f8", "ours": "eps_f8"}},
             "resolution": {"baseline": "vae_f4", "ours": "eps_f4", "resolution": 64}}
     found = {(c["claim"], c["metric"]): c for c in claims_lib.claims(rows, spec, resamples=20)}
     trend = found[("compression_trend", "psnr")]

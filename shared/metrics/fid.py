@@ -9,7 +9,9 @@ Statistics files are .npz with `mu` and `sigma` (float64), the layout of ADM's e
 """
 from __future__ import annotations
 
+import hashlib
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +143,27 @@ def precision_recall(real_features: torch.Tensor, fake_features: torch.Tensor, k
     }
 
 
+# Pool features of recently seen uint8 batches, by content: a sweep (reconstructions at several NFEs, grids or
+# weights) measures the same real images against each reconstruction, and Inception is most of its cost on a CPU.
+# The key is the batch's bytes, so a hit is exact; a bounded number of batches keeps a 50k evaluation from growing it.
+_POOL_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+POOL_CACHE_BATCHES = 32
+
+
+def _cached_pool(inception, images: torch.Tensor) -> torch.Tensor:
+    """Inception pool features (B, 2048) of uint8 images (B, 3, H, W), from the cache when the same bytes were
+    seen on the same device."""
+    key = (str(images.device), tuple(images.shape), hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest())
+    if key in _POOL_CACHE:
+        _POOL_CACHE.move_to_end(key)
+        return _POOL_CACHE[key]
+    pool = inception(images)
+    _POOL_CACHE[key] = pool
+    while len(_POOL_CACHE) > POOL_CACHE_BATCHES:
+        _POOL_CACHE.popitem(last=False)
+    return pool
+
+
 class InceptionStatistics:
     """Streams uint8 image batches through the FID Inception into running pool (and sFID) statistics.
 
@@ -167,7 +190,7 @@ class InceptionStatistics:
             pool, spatial = self.inception.pool_and_spatial(images)
             self.spatial.update(spatial)
         else:
-            pool = self.inception(images)
+            pool = _cached_pool(self.inception, images)
         self.pool.update(pool)
         if self._features is not None:
             self._features.append(pool.float().cpu())
