@@ -206,6 +206,8 @@ def guidance_sweep(cfg, pipeline: Pipeline, scales: list[float]) -> dict[float, 
     from shared.metrics.evaluate import evaluate_to_folder
     from stage2_ldm.sample import sample_to_folder
 
+    if not scales:
+        return {}
     ldm, tokenizer = pipeline.result("ldm")["checkpoint"], pipeline.result("tokenizer")["checkpoint"]
     results = {}
     for scale in scales:
@@ -327,11 +329,14 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
                          f"{cell(row, 'chroma_hf_ratio', '.2f')} | {cell(row, 'lpips_alex', '.3f')} | {at}")
     settings = rows[0]["generation_settings"] if rows else {}
     subset = rows[0]["reconstruction_subset"] if rows else {}
+    generation = ("gFID: not measured (the runs' pipeline.steps leave out the DiT)."
+                  if settings.get("num_samples") is None else
+                  f"gFID: {settings.get('num_samples')} samples, {settings.get('sampler')} {settings.get('steps')} "
+                  f"steps, CFG {settings.get('cfg_scale')}, decoder NFE {settings.get('decoder_nfe')}, reference "
+                  f"{settings.get('reference')}.")
     lines += ["", f"Reconstruction: {subset.get('images')} of {subset.get('of')} {subset.get('split')} images "
                   f"({subset.get('selection')}), the same images for every tokenizer; rFID/PSNR/LPIPS at the "
-                  f"pipeline's decoder NFE. gFID: {settings.get('num_samples')} samples, {settings.get('sampler')} "
-                  f"{settings.get('steps')} steps, CFG {settings.get('cfg_scale')}, decoder NFE "
-                  f"{settings.get('decoder_nfe')}, reference {settings.get('reference')}.", ""]
+                  f"pipeline's decoder NFE. {generation}", ""]
     if meta.get("missing_runs"):
         lines += [f"Not yet finished, so not in this table: {', '.join(meta['missing_runs'])}.", ""]
     if floor:
@@ -358,9 +363,9 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], out: Path) -> None:
+def plot_gfid_against_throughput(rows: list[dict], out: Path) -> None:
     figure, axis = plt.subplots(figsize=(5, 4))
-    for row in (row for row in rows if row["gfid"] is not None and row["images_per_s"] is not None):
+    for row in rows:
         low, high = row["gfid_ci95"] or (row["gfid"], row["gfid"])
         axis.errorbar(row["images_per_s"]["total"], row["gfid"], yerr=[[row["gfid"] - low], [high - row["gfid"]]],
                       fmt="o", capsize=3)
@@ -372,6 +377,11 @@ def plot(rows: list[dict], out: Path) -> None:
     figure.savefig(out / "gfid_vs_throughput.png", dpi=120)
     plt.close(figure)
 
+
+def plot(rows: list[dict], out: Path) -> None:
+    generated = [row for row in rows if row["gfid"] is not None and row["images_per_s"] is not None]
+    if generated:
+        plot_gfid_against_throughput(generated, out)
     figure, axis = plt.subplots(figsize=(5, 4))
     for row in rows:
         nfes = [int(n) for n in row["rfid_by_nfe"]]
