@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shared.config_check import POSITIVE
 from shared.dit_blocks import NORM_EPS
 from shared.errors import ConfigError, DataError
-from shared.foreign_weights import DIFFUSERS_CONFIG, read_diffusers_model, read_state_dict, save_diffusers_folder
+from shared.foreign_weights import (DIFFUSERS_CONFIG, check_source_weights, read_diffusers_model, read_state_dict,
+                                    save_diffusers_folder)
 from shared.runtime import setup
 from shared.train.checkpoint import (CheckpointDir, atomic_save, load_weights, network_state, resolve_checkpoint,
                                      save_weights_folder)
@@ -49,8 +51,10 @@ def imported_network(source: Path, config_path: str | None, cfg: DictConfig) -> 
     model (a folder, or a file with its config.json) or, a file without one, a facebookresearch/DiT state dict."""
     if not source.exists():
         raise DataError(f"import.source={source} does not exist")
+    allow_nonfinite = bool(cfg["import"].allow_nonfinite)
     if source.is_dir() or config_path or source.with_name(DIFFUSERS_CONFIG).is_file():
         diffusers_config, state = read_diffusers_model(source, config_path)
+        check_source_weights(state, allow_nonfinite, f"import.source={source}")
         class_name = diffusers_config.get("_class_name")
         if class_name == AUTOENCODER_CLASS:
             config, converted = vae_from_autoencoder(diffusers_config, state)
@@ -58,6 +62,7 @@ def imported_network(source: Path, config_path: str | None, cfg: DictConfig) -> 
         architecture, converted = dit_from_diffusers(diffusers_config, state, source=str(source))
         return "dit", dit_model_config(cfg, architecture), converted, f"diffusers {class_name}"
     state = read_state_dict(source)
+    check_source_weights(state, allow_nonfinite, f"import.source={source}")
     if "x_embedder.proj.weight" not in state:
         raise DataError(f"import.source={source} is neither a diffusers model (no config.json beside it: pass "
                         f"import.config=...) nor a facebookresearch/DiT state dict")
@@ -85,9 +90,10 @@ def dit_model_config(cfg: DictConfig, architecture: dict) -> dict:
                           "e.g. the stage=import output of its SD-VAE>")
     tokenizer_path = resolve_checkpoint(cfg.tokenizer.checkpoint)
     tokenizer_config = load_weights(tokenizer_path, mmap=True).get("config", {})
-    if "latent_scale" not in tokenizer_config:
-        raise DataError(f"tokenizer {tokenizer_path} records no latent_scale (the scale a DiT trained elsewhere saw "
-                        f"its latents at): give the stage=import output of the VAE the DiT was trained with")
+    if not POSITIVE.accepts(tokenizer_config.get("latent_scale")):
+        raise DataError(f"tokenizer {tokenizer_path} records no positive latent_scale (the scale a DiT trained "
+                        f"elsewhere saw its latents at): give the stage=import output of the VAE the DiT was trained "
+                        f"with")
     channels = tokenizer_config["latent_channels"]
     if channels != architecture["in_channels"]:
         raise DataError(f"the DiT takes {architecture['in_channels']} latent channels, tokenizer {tokenizer_path} "
@@ -119,7 +125,7 @@ def import_weights(cfg: DictConfig) -> dict:
     network, config, state, kind = imported_network(Path(settings.source), settings.config, cfg)
     with torch.device("meta"):  # the config rebuilds exactly these weights (checked without allocating)
         build_network(network, config).load_state_dict(state, assign=True)
-    with setup(cfg) as runtime:
+    with setup(cfg, fresh=True) as runtime:
         checkpoint = CheckpointDir(runtime.run_dir / "checkpoints").save(
             {"step": 0, "config": config, "models": {network: state},
              "source": {"path": str(settings.source), "format": kind}}, step=0)
@@ -175,7 +181,8 @@ def export_weights(cfg: DictConfig) -> dict:
         raise ConfigError("export.source is null: give a run folder, checkpoint or weights folder of this project")
     if settings.format not in EXPORT_FORMATS:
         raise ConfigError(f"export.format={settings.format!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    checkpoint = load_weights(settings.source, mmap=True)
+    source = resolve_checkpoint(settings.source)
+    checkpoint = load_weights(source, mmap=True)
     network = next((name for name in ("tokenizer", "dit") if name in checkpoint.get("models", {})), None)
     if network is None:
         raise DataError(f"export.source={settings.source} holds neither a tokenizer nor a DiT")
@@ -184,9 +191,8 @@ def export_weights(cfg: DictConfig) -> dict:
     model.load_state_dict(state)
     exported_config, exported_state = converted_for_export(settings, network, model, config, state)
 
-    with setup(cfg) as runtime:
-        result = {"network": network, "format": settings.format, "source": str(resolve_checkpoint(settings.source)),
-                  "out": str(runtime.run_dir)}
+    with setup(cfg, fresh=True) as runtime:
+        result = {"network": network, "format": settings.format, "source": str(source), "out": str(runtime.run_dir)}
         if settings.format == "safetensors":
             save_weights_folder(runtime.run_dir, network, state, config, checkpoint.get("step", 0))
         elif settings.format == "dit":

@@ -21,33 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from shared.errors import ConfigError
 from shared.metrics.intervals import format_interval
-from shared.runtime import finished_result
+from shared.runtime import config_differences, config_fingerprint, describe_differences, finished_result
 
 STEPS = ("tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate")
 
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _fingerprint(cfg: DictConfig) -> dict:
-    """What a pipeline folder's results depend on: the config without its non-semantic keys (older records may
-    hold keys that are non-semantic now) and without pipeline.steps, which may change between invocations."""
-    from shared.runtime import config_fingerprint
-
-    fingerprint = config_fingerprint(cfg)
-    fingerprint.pop("pipeline", None)
-    return fingerprint
-
-
-def _differences(old, new, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between a folder's recorded config `old` and `new`, as 'key: old -> new'.
-    A key the record lacks was added to the configs after the folder was made: its default keeps the behaviour
-    from before it existed (the rule for every new key), so it is no difference."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [difference for key in sorted(set(old) | set(new), key=str) if key in old
-                for difference in _differences(old[key], new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
 class Pipeline:
@@ -65,13 +45,12 @@ class Pipeline:
     def check_config(self) -> None:
         """Record the config of a new pipeline folder; refuse to continue one made with a different config."""
         path = self.root / "pipeline_config.yaml"
-        wanted = _fingerprint(self.cfg)
+        wanted = config_fingerprint(self.cfg)  # without pipeline.steps, which may change between invocations
         if path.is_file():
-            changed = _differences(_fingerprint(OmegaConf.load(path)), wanted)
+            changed = config_differences(config_fingerprint(OmegaConf.load(path)), wanted)
             if changed:
-                shown = "; ".join(changed[:5]) + ("; ..." if len(changed) > 5 else "")
-                raise ConfigError(f"{self.root} was made with a different config ({shown}): choose a new name= "
-                                  f"or delete that folder")
+                raise ConfigError(f"{self.root} was made with a different config ({describe_differences(changed)}): "
+                                  f"choose a new name= or delete that folder")
             return
         self.root.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(wanted), path)

@@ -44,7 +44,7 @@ from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.machine import describe, summary  # noqa: E402
 from shared.metrics.intervals import format_interval  # noqa: E402
-from shared.runtime import finished_result  # noqa: E402
+from shared.runtime import check_writable_folder, finished_result  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 # The keys of a stage=reproduce / stage=ablation command line that choose the preset, not the runs' settings.
@@ -109,7 +109,7 @@ def selected_rows(preset: dict, rows_key: str, name: str) -> dict:
 
 def results_folder(cfg: DictConfig, name: str) -> Path:
     out = Path(cfg.reproduce.out) if cfg.reproduce.out else ROOT / "results" / name
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out, "reproduce.out")  # before any run: one line, not a traceback after hours of training
     return out
 
 
@@ -405,7 +405,7 @@ def machine() -> str:
 
 
 def main(cfg: DictConfig) -> dict:
-    name, preset, extra = chosen_preset(cfg, "tokenizers")
+    name, preset, extra = chosen_preset(cfg, "claims")  # a pilot's preset has rows but no claims
     return reproduce(cfg, name, selected_rows(preset, "tokenizers", name), extra)
 
 

@@ -1,10 +1,14 @@
-"""The one validation of a run's numeric settings, applied where a stage reads its config (runtime.setup).
+"""The one validation of a run's name, lists and numeric settings, applied where a stage reads its config
+(runtime.setup).
+
+The name must be one folder name: a run writes to ${output_root}/${stage}/${name}/ and nowhere else.
 
 Every numeric leaf of the resolved config is checked against the first rule whose pattern matches its dotted path
 (fnmatch, so `*.batch_size` covers data, tokenizer, ldm, cache, sample, ...). Every float anywhere must also be
 finite. A bad value is refused at start-up with one line that names the key, the value and what it must be, instead
 of surfacing later as a hang (a negative batch size), a traceback (a zero batch size, lr=nan) or a silently
-different computation (decode.nfe=0).
+different computation (decode.nfe=0). A setting that is a list (LIST_RULES) must be one: a scalar in its place
+(betas=0.9, pipeline.steps=tokenizer) is refused, not guessed at.
 """
 from __future__ import annotations
 
@@ -47,16 +51,20 @@ class Rule:
 
     def describe(self) -> str:
         kind = "a whole number" if self.integer else "a finite number"
+        low, high = (str(bound) if isinstance(bound, int) else f"{bound:g}" for bound in (self.low, self.high))
         if self.low > -math.inf and self.high < math.inf:
-            bounds = f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            bounds = f" in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         elif self.low > -math.inf:
-            bounds = f" {'>' if self.low_open else '>='} {self.low:g}"
+            bounds = f" {'>' if self.low_open else '>='} {low}"
         else:
             bounds = ""
         return kind + bounds + (", or null" if self.nullable else "") + (", or a name" if self.named else "")
 
 
 COUNT = Rule(integer=True, low=1)                       # sizes, steps, intervals: at least one
+SEED = Rule(integer=True, low=0, high=2**32 - 1)        # what numpy's generators take
+DATA_SIZE = Rule(integer=True, low=1, high=2**31 - 1)   # images in a split: an index of int32 at most
+RESOLUTION = Rule(integer=True, low=1, high=4096)       # pixels a side: beyond it one image is gigabytes
 OPTIONAL_COUNT = Rule(integer=True, low=1, nullable=True)
 NON_NEGATIVE_INT = Rule(integer=True, low=0)
 POSITIVE = Rule(integer=False, low=0, low_open=True)
@@ -67,8 +75,8 @@ LOSS_WEIGHTS = ("velocity", "lpips", "adversarial", "r1", "kl", "reconstruction"
 
 # (dotted-path pattern, rule); the first match decides. Keys not listed only have to be finite if they are floats.
 RULES: tuple[tuple[str, Rule], ...] = (
-    ("seed", NON_NEGATIVE_INT),
-    ("*.seed", NON_NEGATIVE_INT),
+    ("seed", SEED),
+    ("*.seed", SEED),
     ("*.batch_size", COUNT),
     ("*.loader_batch_size", COUNT),
     ("*.dit_batch_size", COUNT),
@@ -89,11 +97,11 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*.max_nonfinite", COUNT),
     ("*.keep_checkpoints", COUNT),
     ("decode.nfe", COUNT),
-    ("*.resolution", COUNT),
+    ("*.resolution", RESOLUTION),
     ("*.num_workers", NON_NEGATIVE_INT),
     ("*.num_classes", OPTIONAL_COUNT),
-    ("*.train_size", COUNT),
-    ("*.val_size", COUNT),
+    ("*.train_size", DATA_SIZE),
+    ("*.val_size", DATA_SIZE),
     # 0 samples the unconditional model, 1 the conditional one, above 1 guides; below 0 would push samples away
     # from their class, which no method here intends.
     ("*.cfg_scale", NON_NEGATIVE),
@@ -136,31 +144,81 @@ RULES: tuple[tuple[str, Rule], ...] = (
 )
 
 
-def _leaves(node, prefix: str = "") -> Iterator[tuple[str, object]]:
-    """(dotted path, value) of every leaf, list items as path.<index>."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            yield from _leaves(value, f"{prefix}{index}.")
-    else:
-        yield prefix[:-1], node
+@dataclass(frozen=True)
+class ListRule:
+    """A setting that is a list (a scalar in its place is refused, not guessed at): of exactly `length` items or of
+    at least `least`, or null where `nullable`."""
+
+    example: str
+    least: int = 0
+    length: int | None = None
+    nullable: bool = False
+
+    def accepts(self, value) -> bool:
+        if value is None:
+            return self.nullable
+        if not isinstance(value, list):
+            return False
+        return len(value) == self.length if self.length is not None else len(value) >= self.least
+
+    def describe(self) -> str:
+        size = f"{self.length} items" if self.length is not None else f"at least {self.least} item" + \
+            ("s" if self.least != 1 else "")
+        return f"a list of {size}, e.g. {self.example}" + (", or null" if self.nullable else "")
+
+
+# (dotted-path pattern, rule) of the settings that are lists; the first match decides. The items are checked by
+# RULES above.
+LIST_RULES: tuple[tuple[str, ListRule], ...] = (
+    ("*.betas", ListRule("[0.9, 0.999]", length=2)),
+    ("*.disc_betas", ListRule("[0.0, 0.999]", length=2)),
+    ("*.channel_mult", ListRule("[1, 2, 4]", least=1)),
+    ("*.attention_levels", ListRule("[16]")),
+    ("sample.labels", ListRule("[0, tench, n01440764]", least=1, nullable=True)),
+    ("sample.cfg_interval", ListRule("[0, 0.89]", length=2, nullable=True)),
+    ("cache.splits", ListRule("[train, val]", least=1)),
+    ("pipeline.steps", ListRule("[tokenizer, reconstruct]")),
+    ("reproduce.only", ListRule("[vae_f4, epsvae_f4]", least=1, nullable=True)),
+    ("bench.sd_vae_channels", ListRule("[128, 256, 512, 512]", least=1)),
+    ("paper_speed.compressions", ListRule("[8, 16]", least=1)),
+)
+
+
+def _nodes(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted path, value) of every value below `node`, containers included, list items as path.<index>."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield f"{prefix}{key}", value
+        yield from _nodes(value, f"{prefix}{key}.")
 
 
 def _rule_for(path: str) -> Rule | None:
     return next((rule for pattern, rule in RULES if fnmatch.fnmatchcase(path, pattern)), None)
 
 
+def name_problems(name) -> list[str]:
+    """Why `name` cannot name a run folder (empty if it can). A run writes to ${output_root}/${stage}/${name}/, so
+    a name is one folder name: a '/', '.' or '..' would put the run in another stage's or run's folder, or outside."""
+    text = str(name)
+    if text in ("", ".", "..") or "/" in text or "\0" in text:
+        return [f"name={text!r} must be one folder name (not empty, '.' or '..', and without '/')"]
+    return []
+
+
 def config_problems(cfg: DictConfig | dict) -> list[str]:
-    """One "key=value: must be ..." per invalid setting; empty when every numeric setting is valid."""
+    """One "key=value: must be ..." per invalid setting; empty when the run's name, every list and every numeric
+    setting are valid."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     problems = []
-    for path, value in _leaves(container):
-        if path == "name":  # a label, even where the command line reads it as a number (name=nan, name=1e3)
+    for path, value in _nodes(container):
+        list_rule = next((rule for pattern, rule in LIST_RULES if fnmatch.fnmatchcase(path, pattern)), None)
+        if list_rule is not None and not list_rule.accepts(value):
+            problems.append(f"{path}={value!r} must be {list_rule.describe()}")
+        elif isinstance(value, (dict, list)):
             continue
-        rule = _rule_for(path)
-        if rule is not None:
+        elif path == "name":  # a folder name, even where the command line reads it as a number (name=nan, name=1e3)
+            problems += name_problems(value)
+        elif (rule := _rule_for(path)) is not None:
             if not rule.accepts(value):
                 problems.append(f"{path}={value!r} must be {rule.describe()}")
         elif isinstance(value, float) and not math.isfinite(value):
@@ -169,7 +227,7 @@ def config_problems(cfg: DictConfig | dict) -> list[str]:
 
 
 def check_config(cfg: DictConfig | dict) -> None:
-    """Raise ConfigError naming every invalid numeric setting of `cfg`."""
+    """Raise ConfigError naming every invalid setting of `cfg`."""
     problems = config_problems(cfg)
     if problems:
         raise ConfigError(f"invalid setting{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}")

@@ -7,17 +7,25 @@
 `.safetensors` files are read by safetensors; everything else by torch.load(weights_only=True), which refuses a
 pickle that would call any function before it runs. The stage converters (stage1_tokenizer/convert.py,
 stage2_ldm/convert.py) map the names.
+
+A config.json is someone else's file too: the converters check every value they read against a schema
+(`check_values`) before building or allocating anything, the sizes bounded by what the weights beside it hold
+(`WeightsExtent`), and refuse what would not fit in this machine's memory (`check_fits_in_memory`), each with one
+DataError naming the key.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import safetensors.torch
 import torch
 
+from shared.config_check import Rule
 from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import safe_torch_load
 
@@ -85,12 +93,97 @@ def read_diffusers_model(path: str | Path, config_path: str | Path | None = None
 def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / DIFFUSERS_SHARD_INDEX
     if index.is_file():
-        shards = sorted(set(read_json(index, "shard index").get("weight_map", {}).values()))
         state_dict = {}
-        for shard in shards:
+        for shard in shard_files(read_json(index, "shard index"), index):
             state_dict.update(read_state_dict(folder / shard))
         return state_dict
     return read_state_dict(next(folder / name for name in DIFFUSERS_WEIGHTS if (folder / name).is_file()))
+
+
+def shard_files(index: dict, path: Path) -> list[str]:
+    """The file names a shard index's weight_map ({tensor name: file name}) names, each a file of the index's own
+    folder; DataError otherwise (a name such as ../vae/x.safetensors would read a file outside it)."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DataError(f"shard index {path}: weight_map must be a non-empty object {{tensor name: file name}}")
+    for name in set(weight_map.values()):
+        if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise DataError(f"shard index {path}: weight_map names {name!r}, which is not a file name in its folder")
+    return sorted(set(weight_map.values()))
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A config.json value that is a list of 1 to `most` items, each fitting `item`."""
+
+    item: object
+    most: int
+
+
+@dataclass(frozen=True)
+class WeightsExtent:
+    """How much a state dict holds: no size its config describes can be larger, nor a count of layers exceed its
+    tensors, or the config is not the one of these weights."""
+
+    tensors: int
+    elements: int
+
+    @classmethod
+    def of(cls, state: dict[str, torch.Tensor]) -> WeightsExtent:
+        return cls(len(state), sum(tensor.numel() for tensor in state.values()))
+
+    def size(self, nullable: bool = False) -> Rule:
+        """A channel count or other size: at least 1, at most the elements the weights hold."""
+        return Rule(integer=True, low=1, high=max(1, self.elements), nullable=nullable)
+
+    def count(self, low: int = 1) -> Rule:
+        """A number of layers or blocks: at most the tensors the weights hold."""
+        return Rule(integer=True, low=low, high=max(low, self.tensors))
+
+
+def _fits(value, kind) -> bool:
+    if isinstance(kind, ListOf):
+        return isinstance(value, list) and 1 <= len(value) <= kind.most and all(_fits(v, kind.item) for v in value)
+    if isinstance(kind, Rule):
+        return kind.accepts(value)
+    return type(value) is kind  # bool, str: exactly, so that 1 is no bool and True no number
+
+
+def _described(kind) -> str:
+    if isinstance(kind, ListOf):
+        return f"a list of 1 to {kind.most} items, each {_described(kind.item)}"
+    if isinstance(kind, Rule):
+        return kind.describe()
+    return {bool: "true or false", str: "a string"}[kind]
+
+
+def check_values(settings: dict, schema: dict, source: str) -> None:
+    """DataError naming the first key of `settings` (a config.json with its defaults filled in) whose value does
+    not fit `schema`: {key: a config_check Rule (numbers), bool, str, or ListOf(...)}."""
+    for key, kind in schema.items():
+        if not _fits(settings[key], kind):
+            shown = repr(settings[key])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise DataError(f"{source}: config.json's {key}={shown} must be {_described(kind)}")
+
+
+def check_fits_in_memory(size_bytes: int, what: str, source: str) -> None:
+    """DataError where `what` would need more memory than this machine has, with the estimate."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size_bytes > total:
+        raise DataError(f"{source}: {what} would need {size_bytes / 2**30:.3g} GiB, more than this machine's "
+                        f"{total / 2**30:.3g} GiB: its config.json cannot be the one of these weights")
+
+
+def check_source_weights(state: dict[str, torch.Tensor], allow_nonfinite: bool, source: str) -> None:
+    """DataError where a foreign state dict holds a tensor that is not floating point (converting it would cast it
+    silently) or, unless allowed, values that are NaN or infinite."""
+    for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise DataError(f"{source}: tensor {name} holds {tensor.dtype} values, not floating-point weights")
+        if not allow_nonfinite and not torch.isfinite(tensor).all():
+            raise DataError(f"{source}: tensor {name} holds NaN or infinite values; pass import.allow_nonfinite=true "
+                            f"to import them anyway")
 
 
 def import_diffusers(needed_by: str) -> ModuleType:

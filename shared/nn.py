@@ -5,6 +5,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -75,3 +76,25 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, N, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class CheckpointedBlocks:
+    """A network whose blocks can recompute their activations in the backward pass instead of keeping them
+    (activation checkpointing): less memory for one more forward pass of the blocks. The blocks' random draws
+    (dropout) are replayed, so values and gradients are those of the plain network. Off unless a training stage
+    switches it on (`enable_activation_checkpointing`); it is not part of the model, checkpoints do not record it."""
+
+    activation_checkpointing = False
+
+    def run_block(self, block: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
+
+
+def enable_activation_checkpointing(network: nn.Module) -> int:
+    """Switch activation checkpointing on in every CheckpointedBlocks module of `network`; returns their number."""
+    found = [module for module in network.modules() if isinstance(module, CheckpointedBlocks)]
+    for module in found:
+        module.activation_checkpointing = True
+    return len(found)

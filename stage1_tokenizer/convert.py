@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from shared.config_check import POSITIVE, Rule
 from shared.errors import ConfigError, DataError
-from shared.foreign_weights import is_diffusers_model, read_diffusers_model, renamed
+from shared.foreign_weights import (ListOf, WeightsExtent, check_fits_in_memory, check_values, is_diffusers_model,
+                                    read_diffusers_model, renamed)
 from shared.train.checkpoint import load_model_state
 from stage1_tokenizer.blocks import AttentionBlock, Downsample, group_norm
 from stage1_tokenizer.tokenizer import build_tokenizer
@@ -81,13 +83,31 @@ def modern_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def autoencoder_settings(config: dict) -> dict:
-    """The config.json of an AutoencoderKL with diffusers' defaults filled in; DataError where ours cannot be it."""
+def autoencoder_schema(extent: WeightsExtent) -> dict:
+    """What each AutoencoderKL setting must be (shared.foreign_weights.check_values), sizes bounded by `extent`."""
+    size, levels = extent.size(), extent.count()
+    return {
+        "in_channels": size, "out_channels": size, "latent_channels": size, "norm_num_groups": size,
+        "block_out_channels": ListOf(size, levels.high), "layers_per_block": extent.count(low=0),
+        "down_block_types": ListOf(str, levels.high), "up_block_types": ListOf(str, levels.high), "act_fn": str,
+        "scaling_factor": POSITIVE, "shift_factor": Rule(integer=False, nullable=True),
+        "use_quant_conv": bool, "use_post_quant_conv": bool, "mid_block_add_attention": bool,
+    }
+
+
+def autoencoder_settings(config: dict, extent: WeightsExtent) -> dict:
+    """The config.json of an AutoencoderKL with diffusers' defaults filled in, every value checked against the
+    weights' `extent`; DataError where ours cannot be it."""
     class_name = config.get("_class_name", AUTOENCODER_CLASS)
     if class_name != AUTOENCODER_CLASS:
-        raise DataError(f"the diffusers model is a {class_name}, not an {AUTOENCODER_CLASS}")
+        raise DataError(f"the diffusers model is a {class_name!r}, not an {AUTOENCODER_CLASS}")
     settings = {**AUTOENCODER_DEFAULTS, **{k: v for k, v in config.items() if k in AUTOENCODER_DEFAULTS}}
+    check_values(settings, autoencoder_schema(extent), f"the {AUTOENCODER_CLASS}")
     channels = list(settings["block_out_channels"])
+    if len(channels) * max(1, settings["layers_per_block"]) > extent.tensors:  # each ResBlock has several tensors
+        raise DataError(f"the {AUTOENCODER_CLASS}'s config.json describes {len(channels)} levels of "
+                        f"{settings['layers_per_block']} blocks, more than its {extent.tensors} tensors can hold: is "
+                        f"the config the one of these weights?")
     problems = []
     if set(settings["down_block_types"]) != {"DownEncoderBlock2D"} or \
             set(settings["up_block_types"]) != {"UpDecoderBlock2D"}:
@@ -125,12 +145,14 @@ def vae_config(settings: dict) -> dict:
 
 def identity_conv(channels: int) -> dict[str, torch.Tensor]:
     """The weight and bias of a 1×1 convolution that changes nothing."""
+    check_fits_in_memory(4 * channels**2, f"an identity 1×1 convolution of {channels} channels",
+                         f"the {AUTOENCODER_CLASS}")
     return {"weight": torch.eye(channels).view(channels, channels, 1, 1), "bias": torch.zeros(channels)}
 
 
 def vae_from_autoencoder(config: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """(our tokenizer config, our VAE state dict) of an AutoencoderKL's config.json and state dict, exact."""
-    settings = autoencoder_settings(config)
+    settings = autoencoder_settings(config, WeightsExtent.of(state))
     ours = vae_config(settings)
     state = modern_names(state)
     if not settings["use_quant_conv"]:

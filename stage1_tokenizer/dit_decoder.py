@@ -13,11 +13,11 @@ from einops import rearrange
 from torch import nn
 
 from shared.dit_blocks import DiTBlock, FinalLayer, sincos_2d
-from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder, zero_module
+from shared.nn import FLOW_TIME_SCALE, CheckpointedBlocks, TimestepEmbedder, zero_module
 from stage1_tokenizer.unet import resize_condition
 
 
-class DiTDecoder(nn.Module):
+class DiTDecoder(CheckpointedBlocks, nn.Module):
     """G(x_t, t, condition) -> velocity (B, 3, H, W), the same call as ADMUNet."""
 
     def __init__(self, condition_channels: int, patch_size: int = 8, hidden_size: int = 768, depth: int = 12,
@@ -41,7 +41,7 @@ class DiTDecoder(nn.Module):
         tokens = rearrange(self.patch_embed(inputs), "b d h w -> b (h w) d") + positions
         c = self.time_embedder(t)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = self.run_block(block, tokens, c)
         patches = self.final_layer(tokens, c)
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=height, p=self.patch_size,
                          q=self.patch_size)

@@ -74,7 +74,10 @@ class TokenizerObjective(nn.Module):
             raise ConfigError("tokenizer.loss.adversarial > 0 needs a discriminator (tokenizer.discriminator)")
         if self.diffusion and self.flow["t_sampling"] not in ("logit_normal", "uniform"):
             raise ConfigError(f"tokenizer.flow.t_sampling={self.flow['t_sampling']!r} is not logit_normal or uniform")
-        self._pending: DiscriminatorBatch | None = None
+        # What the generator phase of the current step showed D, one per micro-batch (gradient accumulation), for the
+        # discriminator phase of the same step.
+        self._pending: list[DiscriminatorBatch] = []
+        self._pending_step: int | None = None
 
     @property
     def diffusion(self) -> bool:
@@ -124,7 +127,9 @@ class TokenizerObjective(nn.Module):
             fake_logits = self.discriminate(estimate, batch)
             terms["adversarial"] = losses.generator_adv_loss(fake_logits)
         total = sum(self.loss[name] * value for name, value in terms.items())
-        self._pending = batch
+        if step != self._pending_step:
+            self._pending, self._pending_step = [], step
+        self._pending.append(batch)
         logs = {f"loss/{name}": value.detach() for name, value in terms.items()}
         logs["loss/total"] = total.detach()
         return total, logs
@@ -132,13 +137,14 @@ class TokenizerObjective(nn.Module):
     def discriminator_loss(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict] | None:
         """(L_D, logs), or None when there is no GAN or step < disc_start.
 
-        Reuses the estimates of the last generator_loss call on the same `images` tensor (VQGAN's order: one
-        generator forward per step); recomputes them without gradients otherwise.
+        Reuses the estimates of this step's generator_loss call on the same `images` tensor (VQGAN's order: one
+        generator forward per micro-batch and step); recomputes them without gradients otherwise.
         """
         if not self.adversarial_active(step):
             return None
-        batch, self._pending = self._pending, None
-        if batch is None or batch.images is not images:
+        batch = next((pending for pending in self._pending if pending.images is images), None)
+        self._pending = [pending for pending in self._pending if pending is not batch]
+        if batch is None:
             with torch.no_grad():
                 posterior = self.tokenizer.encode(images)
                 batch = self.decoder_estimate(images, posterior.sample())[2]

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from shared import runtime as runtime_lib
 from shared.data.image_files import save_comparison_grid
 from shared.data.images import make_image_loader
+from shared.data.sampler import BatchSplit
 from shared.errors import ConfigError
+from shared.nn import enable_activation_checkpointing
 from shared.train.loop import TrainModule, train
 from shared.train.settings import loop_config, optim_config
 from stage1_tokenizer.objective import build_objective
@@ -130,6 +132,9 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if initial_encoder is not None:  # before the loop copies the EMA; a resumed run then loads its checkpoint
             objective.tokenizer.encoder.load_state_dict(initial_encoder)
             runtime.log.info("encoder initialised from %s", cfg.tokenizer.init_encoder)
+        if train_cfg.activation_checkpointing and not enable_activation_checkpointing(objective.tokenizer):
+            raise ConfigError(f"tokenizer.train.activation_checkpointing recomputes the blocks of a diffusion decoder "
+                              f"(ADM UNet or DiT); tokenizer.kind={cfg.tokenizer.kind} has none")
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         objective.to(memory_format=memory_format)
         if cfg.compile:
@@ -140,9 +145,10 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
             optim["discriminator"] = optim_config(train_cfg, prefix="disc_")
         loop = loop_config(train_cfg, optim)
 
-        def make_batches(start_step: int):
-            loader = make_image_loader(cfg.data, "train", train_cfg.batch_size, train=True, seed=cfg.seed,
-                                       rank=runtime.rank, world_size=runtime.world_size, start_batch=start_step,
+        def make_batches(split: BatchSplit, start_step: int):
+            loader = make_image_loader(cfg.data, "train", split.per_rank, train=True, seed=cfg.seed,
+                                       rank=runtime.rank, world_size=split.world_size, micro_steps=split.grad_accum,
+                                       start_batch=split.first_micro_batch(start_step),
                                        pin_memory=runtime.device.type == "cuda")
             # Converted once per batch on the host: the loop's device transfer keeps the layout.
             return ({**batch, "image": batch["image"].contiguous(memory_format=memory_format)} for batch in loader)
@@ -157,7 +163,7 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         runtime.log.info("tokenizer %s: %.2fM trainable parameters", cfg.tokenizer.kind,
                          sum(p.numel() for p in objective.tokenizer.parameters()) / 1e6)
         result = train(runtime, module, make_batches, loop, model_config=model_config(cfg.tokenizer),
-                       images_per_batch=train_cfg.batch_size, on_sample=on_sample, progress=cfg.progress)
+                       on_sample=on_sample, progress=cfg.progress)
         runtime.log.info("done: %s", result.checkpoint)
         return runtime.finish({"checkpoint": str(result.checkpoint), "step": result.step,
                                "nonfinite_steps": result.nonfinite_steps})

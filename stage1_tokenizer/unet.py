@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.nn import FLOW_TIME_SCALE, TimestepEmbedder, zero_module
+from shared.nn import FLOW_TIME_SCALE, CheckpointedBlocks, TimestepEmbedder, zero_module
 from stage1_tokenizer.blocks import AttentionBlock, Downsample, MiddleBlock, ResBlock, Upsample, group_norm
 
 
@@ -35,8 +35,9 @@ def resize_condition(condition: torch.Tensor, size: torch.Size | tuple[int, int]
     return F.interpolate(condition, size=tuple(size), mode="nearest")
 
 
-class ADMUNet(nn.Module):
-    """G(x_t, t, condition) -> velocity (B, 3, H, W).
+class ADMUNet(CheckpointedBlocks, nn.Module):
+    """G(x_t, t, condition) -> velocity (B, 3, H, W). With activation checkpointing, each level's blocks and the
+    middle block recompute their activations in the backward pass.
 
     x_t (B, 3, H, W) is the network input (already scaled by c_in(t), shared/flow.py); t (B,) flow time in [0, 1]
     (embedded as FLOW_TIME_SCALE · t, the frequencies of DDPM's integer steps); condition (B, C_cond, h, w), any h, w.
@@ -97,9 +98,9 @@ class ADMUNet(nn.Module):
         h = self.conv_in(torch.cat([x_t, resize_condition(condition, x_t.shape[-2:]).to(x_t.dtype)], dim=1))
         skips = [h]
         for blocks in self.down:
-            h = blocks(h, embedding)
+            h = self.run_block(blocks, h, embedding)
             skips.append(h)
-        h = self.middle(h, embedding)
+        h = self.run_block(self.middle, h, embedding)
         for blocks in self.up:
-            h = blocks(torch.cat([h, skips.pop()], dim=1), embedding)
+            h = self.run_block(blocks, torch.cat([h, skips.pop()], dim=1), embedding)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -31,9 +31,10 @@ import re
 
 import torch
 
+from shared.config_check import COUNT, POSITIVE
 from shared.dit_blocks import sincos_2d
 from shared.errors import ConfigError, DataError
-from shared.foreign_weights import renamed
+from shared.foreign_weights import WeightsExtent, check_fits_in_memory, check_values, renamed
 from stage2_ldm.dit import DiT
 
 DIFFUSERS_DIT_CLASS = "DiTTransformer2DModel"
@@ -45,6 +46,9 @@ DIFFUSERS_DIT_DEFAULTS = {
 }
 DIFFUSERS_TIME_FREQUENCY_SHIFT = 1
 DIFFUSERS_MLP_RATIO = 4.0  # FeedForward's `mult`, not in the config
+# The tensors of a facebookresearch/DiT state dict whose shapes give its architecture, and their ranks.
+OFFICIAL_SHAPE_TENSORS = {"x_embedder.proj.weight": 4, "pos_embed": 3, "y_embedder.embedding_table.weight": 2,
+                          "final_layer.linear.weight": 2, "blocks.0.mlp.fc1.weight": 2}
 # Our parameter name (pattern) -> facebookresearch/DiT's.
 OFFICIAL_RENAMES: tuple[tuple[str, str], ...] = (
     (r"patch_embed\.(\w+)", r"x_embedder.proj.\1"),
@@ -93,10 +97,12 @@ def checked_architecture(depth: int, hidden_size: int, num_heads: int, patch_siz
     problems = []
     if out_channels not in (in_channels, 2 * in_channels):
         problems.append(f"{out_channels} output channels for {in_channels} input channels (expected C or 2C)")
-    if grid * grid != tokens:
+    if tokens < 1 or grid * grid != tokens:
         problems.append(f"{tokens} tokens (not a square grid)")
     if hidden_size % num_heads:
         problems.append(f"width {hidden_size} with {num_heads} heads (not divisible)")
+    if hidden_size % 4:
+        problems.append(f"width {hidden_size} (its 2D sin-cos positions need a multiple of 4)")
     if problems:
         raise DataError(f"{source} is not a DiT this project can hold: {'; '.join(problems)}")
     return {"depth": depth, "hidden_size": hidden_size, "num_heads": num_heads, "patch_size": patch_size,
@@ -111,12 +117,19 @@ def block_count(state: dict, prefix: str) -> int:
     return len(indices)
 
 
-def take(state: dict[str, torch.Tensor], names: tuple[str, ...] | str, source: str) -> torch.Tensor:
-    """The tensor(s) under `names`, removed from `state` and stacked along dim 0."""
+def take(state: dict[str, torch.Tensor], names: tuple[str, ...] | str, shape: torch.Size, source: str,
+         ours: str) -> torch.Tensor:
+    """The tensor(s) under `names`, removed from `state` and stacked along dim 0 into our tensor `ours` of `shape`;
+    each checked to have its part of that shape first."""
     names = (names,) if isinstance(names, str) else names
     missing = [name for name in names if name not in state]
     if missing:
         raise DataError(f"{source} has no tensor {missing[0]}: it is not a complete DiT state dict")
+    part = (shape[0] // len(names), *shape[1:])
+    for name in names:
+        if tuple(state[name].shape) != part:
+            raise DataError(f"{source}: {name} has shape {tuple(state[name].shape)} where the DiT its other tensors "
+                            f"describe has {part} (our {ours})")
     return torch.cat([state.pop(name) for name in names]).float()
 
 
@@ -137,14 +150,12 @@ def convert_into_ours(state: dict, architecture: dict, renames, source: str, var
     converted = {}
     for name, like in expected_state(architecture, **variant).items():
         if name == "pos_embed" and "pos_embed" not in state:  # computed, not stored (diffusers)
-            tensor = column_first_positions(architecture["input_size"] // architecture["patch_size"],
-                                            architecture["hidden_size"])
+            check_fits_in_memory(16 * like.numel(), f"computing its position embedding ({like.shape[1]} tokens × "
+                                 f"{like.shape[2]} channels, in float64)", source)
+            converted[name] = column_first_positions(architecture["input_size"] // architecture["patch_size"],
+                                                     architecture["hidden_size"])
         else:
-            tensor = take(state, renamed(name, renames), source)
-        if tensor.shape != like.shape:
-            raise DataError(f"{source}: {name} has shape {tuple(tensor.shape)} where the DiT its other tensors "
-                            f"describe has {tuple(like.shape)}")
-        converted[name] = tensor
+            converted[name] = take(state, renamed(name, renames), like.shape, source, name)
     no_leftovers(state, source)
     return converted
 
@@ -153,10 +164,12 @@ def dit_from_official(official: dict[str, torch.Tensor], num_heads: int,
                       source: str = "the DiT checkpoint") -> tuple[dict, dict[str, torch.Tensor]]:
     """(architecture, our state dict) of a facebookresearch/DiT state dict; num_heads is not recorded in it."""
     state = dict(official)
-    for name in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
-                 "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"):
+    for name, rank in OFFICIAL_SHAPE_TENSORS.items():
         if name not in state:
             raise DataError(f"{source} has no {name}: it is not a facebookresearch/DiT state dict")
+        if state[name].ndim != rank or 0 in state[name].shape:
+            raise DataError(f"{source}: {name} has shape {tuple(state[name].shape)}, not {rank} non-zero dimensions: "
+                            f"it is not a facebookresearch/DiT state dict")
     hidden, in_channels, patch = state["x_embedder.proj.weight"].shape[:3]
     architecture = checked_architecture(
         block_count(state, "blocks"), hidden, num_heads, patch, state["blocks.0.mlp.fc1.weight"].shape[0],
@@ -170,6 +183,18 @@ def official_from_dit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {renamed(name, OFFICIAL_RENAMES): tensor for name, tensor in state.items()}
 
 
+def diffusers_dit_schema(extent: WeightsExtent) -> dict:
+    """What each DiTTransformer2DModel setting must be (shared.foreign_weights.check_values), sizes bounded by
+    `extent`. sample_size is not: the weights do not depend on it (its memory is checked where it is used)."""
+    size = extent.size()
+    return {
+        "num_attention_heads": size, "attention_head_dim": size, "in_channels": size,
+        "out_channels": extent.size(nullable=True), "num_layers": extent.count(),
+        "sample_size": COUNT, "patch_size": size, "activation_fn": str, "num_embeds_ada_norm": size, "norm_type": str,
+        "norm_elementwise_affine": bool, "norm_eps": POSITIVE, "attention_bias": bool,
+    }
+
+
 def dit_from_diffusers(config: dict, diffusers_state: dict[str, torch.Tensor],
                        source: str = "the DiTTransformer2DModel") -> tuple[dict, dict[str, torch.Tensor]]:
     """(architecture, our state dict) of a DiTTransformer2DModel's config.json and state dict, exact; DataError
@@ -178,6 +203,10 @@ def dit_from_diffusers(config: dict, diffusers_state: dict[str, torch.Tensor],
     if class_name not in (DIFFUSERS_DIT_CLASS, "Transformer2DModel"):  # the older name of DiT pipelines
         raise DataError(f"{source} is a {class_name}, not a {DIFFUSERS_DIT_CLASS}")
     settings = {**DIFFUSERS_DIT_DEFAULTS, **{k: v for k, v in config.items() if k in DIFFUSERS_DIT_DEFAULTS}}
+    check_values(settings, diffusers_dit_schema(WeightsExtent.of(diffusers_state)), source)
+    if settings["sample_size"] % settings["patch_size"]:
+        raise DataError(f"{source}: config.json's sample_size={settings['sample_size']} is not a multiple of its "
+                        f"patch_size={settings['patch_size']}")
     fixed = {"activation_fn": "gelu-approximate", "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
              "attention_bias": True}
     different = [f"{key}={settings[key]}" for key, value in fixed.items() if settings[key] != value]
@@ -196,12 +225,13 @@ def dit_from_diffusers(config: dict, diffusers_state: dict[str, torch.Tensor],
              for name, tensor in state.items()}
     hidden = settings["num_attention_heads"] * settings["attention_head_dim"]
     in_channels, patch = settings["in_channels"], settings["patch_size"]
-    if "transformer_blocks.0.ff.net.0.proj.weight" not in state:
-        raise DataError(f"{source} has no transformer_blocks.0.ff.net.0.proj.weight: it is not a complete "
-                        f"{DIFFUSERS_DIT_CLASS} state dict")
+    mlp = state.get("transformer_blocks.0.ff.net.0.proj.weight")
+    if mlp is None or mlp.ndim != 2:
+        raise DataError(f"{source} has no 2-dimensional transformer_blocks.0.ff.net.0.proj.weight: it is not a "
+                        f"complete {DIFFUSERS_DIT_CLASS} state dict")
     architecture = checked_architecture(
         depth, hidden, settings["num_attention_heads"], patch,
-        state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0], in_channels,
+        mlp.shape[0], in_channels,
         settings["out_channels"] or in_channels, (settings["sample_size"] // patch) ** 2,
         settings["num_embeds_ada_norm"], source)
     architecture.update(mlp_norm_eps=float(settings["norm_eps"]), time_frequency_shift=DIFFUSERS_TIME_FREQUENCY_SHIFT)

@@ -29,7 +29,7 @@ from torch import nn
 
 from shared.dit_blocks import NORM_EPS, DiTBlock, FinalLayer, sincos_2d
 from shared.errors import ConfigError
-from shared.nn import TimestepEmbedder, zero_module
+from shared.nn import CheckpointedBlocks, TimestepEmbedder, zero_module
 from shared.train.checkpoint import load_model_state
 
 
@@ -57,8 +57,9 @@ class LabelEmbedder(nn.Module):
         return self.table(self.drop(labels, force_drop))
 
 
-class DiT(nn.Module):
-    """Latents (B, C, H, W), times (B,) and labels (B,) -> predictions (B, C_out, H, W); H = W = input_size."""
+class DiT(CheckpointedBlocks, nn.Module):
+    """Latents (B, C, H, W), times (B,) and labels (B,) -> predictions (B, C_out, H, W); H = W = input_size.
+    With activation checkpointing, each block's activations are recomputed in the backward pass."""
 
     def __init__(self, input_size: int, in_channels: int, num_classes: int, patch_size: int = 2,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
@@ -107,7 +108,7 @@ class DiT(nn.Module):
         tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d") + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop)
         for block in self.blocks:
-            tokens = block(tokens, c)
+            tokens = self.run_block(block, tokens, c)
         patches = self.final_layer(tokens, c)
         return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=x.shape[-2] // p, p=p, q=p)
 

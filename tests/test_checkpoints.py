@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from pipelines.configs import group_config
-from shared.train.checkpoint import CheckpointDir, load_checkpoint, load_model_state, resolve_checkpoint
+from shared.train.checkpoint import (CheckpointDir, config_digest, load_checkpoint, load_model_state,
+                                     resolve_checkpoint)
 from stage1_tokenizer.tokenizer import build_tokenizer, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,7 +59,10 @@ def test_a_checkpoint_is_weights_header_and_training_state_and_reads_back_as_sav
     assert set(weights) == {f"{group}.{network}.{name}" for group in ("models", "ema")
                             for network, state_dict in state[group].items() for name in state_dict}
     assert json.loads(path.with_suffix(".json").read_text()) == {"step": 7, "config": state["config"]}
-    assert set(torch.load(path, weights_only=True)) == {"step", "backend", "rng", "counters"}  # no weights
+    # No weights; the step and the config's digest tie the training state and the weights to the header.
+    assert set(torch.load(path, weights_only=True)) == {"step", "backend", "rng", "counters", "config_digest"}
+    with safetensors.safe_open(path.with_suffix(".safetensors"), framework="pt") as stored:
+        assert stored.metadata() == {"step": "7", "config_digest": config_digest(state["config"])}
     assert_same(load_checkpoint(tmp_path), state)
 
 

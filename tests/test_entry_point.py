@@ -44,10 +44,11 @@ def test_the_older_reproduction_scripts_run_the_stages_and_name_the_presets(scri
     assert "reproduce/no_such_preset" in result.stderr and "small32" in result.stderr  # Hydra lists the presets
 
 
-@pytest.mark.parametrize("stage, presets", [("reproduce", "['mini', 'mini_long', 'paper', 'small32']"),
-                                            ("ablation", "['ladder32']")])
-def test_a_reproduction_stage_without_a_preset_names_the_presets_in_one_line(stage, presets):
+@pytest.mark.parametrize("stage, key, presets", [
+    ("reproduce", "claims", "['fair32', 'mini', 'mini_long', 'paper', 'small32']"),
+    ("ablation", "rungs", "['ladder32']"), ("pilot", "decode_grid", "['fair32_pilot']")])
+def test_a_reproduction_stage_without_a_preset_names_the_presets_in_one_line(stage, key, presets):
     result = run_cli(f"stage={stage}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error (ConfigError): stage={stage} runs a preset with " \
-        f"{'tokenizers' if stage == 'reproduce' else 'rungs'}: add reproduce=NAME, one of {presets}"
+        f"{key}: add reproduce=NAME, one of {presets}"

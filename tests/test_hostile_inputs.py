@@ -172,7 +172,7 @@ INVALID_SETTINGS = [  # (override, what the error says)
     ("sample.cfg_scale=-1.5", "sample.cfg_scale=-1.5 must be a finite number >= 0"),
     ("tokenizer.train.ema_decay=1.0", "tokenizer.train.ema_decay=1.0 must be a finite number in [0, 1)"),
     ("tokenizer.train.betas=[0.9,1.5]", "tokenizer.train.betas.1=1.5 must be a finite number in [0, 1)"),
-    ("data.resolution=0", "data.resolution=0 must be a whole number >= 1"),
+    ("data.resolution=0", "data.resolution=0 must be a whole number in [1, 4096]"),
     ("cache.shard_size=-1", "cache.shard_size=-1 must be a whole number >= 1"),
     ("evaluate.bootstrap=-5", "evaluate.bootstrap=-5 must be a whole number >= 0"),
     ("tokenizer.loss.lpips=nan", "tokenizer.loss.lpips=nan must be a finite number >= 0"),
@@ -181,6 +181,18 @@ INVALID_SETTINGS = [  # (override, what the error says)
     ("tokenizer.train.ckpt_every=0", "tokenizer.train.ckpt_every=0 must be a whole number >= 1"),
     ("ldm.train.batch_size=abc", "ldm.train.batch_size='abc' must be a whole number >= 1"),
     ("+tokenizer.extra=-inf", "tokenizer.extra=-inf must be finite"),
+    # Round 2: values of the wrong shape or beyond what any run can hold (tracebacks, an empty run folder left).
+    ("tokenizer.train.betas=0.9", "tokenizer.train.betas=0.9 must be a list of 2 items, e.g. [0.9, 0.999]"),
+    ("sample.labels=3", "sample.labels=3 must be a list of at least 1 item, e.g. [0, tench, n01440764], or null"),
+    ("tokenizer.encoder.channel_mult=2", "tokenizer.encoder.channel_mult=2 must be a list of at least 1 item"),
+    ("pipeline.steps=tokenizer", "pipeline.steps='tokenizer' must be a list of at least 0 items"),
+    ("cache.splits=train", "cache.splits='train' must be a list of at least 1 item, e.g. [train, val]"),
+    ("reproduce.only=[]", "reproduce.only=[] must be a list of at least 1 item"),
+    ("seed=4294967296", "seed=4294967296 must be a whole number in [0, 4294967295]"),
+    (f"seed={2**70}", f"seed={2**70} must be a whole number in [0, 4294967295]"),
+    (f"data.resolution={10**30}", f"data.resolution={10**30} must be a whole number in [1, 4096]"),
+    ("data.resolution=65536", "data.resolution=65536 must be a whole number in [1, 4096]"),
+    (f"data.train_size={10**30}", f"data.train_size={10**30} must be a whole number in [1, 2147483647]"),
 ]
 
 
@@ -374,9 +386,9 @@ def test_a_rejected_rerun_leaves_the_run_folder_config_as_it_was(tmp_path):
     train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=1"], tmp_path))
     config = tmp_path / "tokenizer" / "run" / "config.yaml"
     before = config.read_bytes()
-    with pytest.raises(ConfigError, match="another model config"):
+    with pytest.raises(ConfigError, match="another model config"):  # even when asked to continue with changes
         train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=2",
-                                     "tokenizer.encoder.base_channels=8"], tmp_path))
+                                     "tokenizer.encoder.base_channels=8", "resume_changed=true"], tmp_path))
     assert config.read_bytes() == before
 
 
@@ -388,7 +400,7 @@ def test_a_run_whose_checkpoints_are_all_unreadable_is_refused_not_restarted(tmp
                                                   tmp_path))["checkpoint"])
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     with pytest.raises(DataError, match=r"none of the 1 checkpoints in .* can be read .* move them out"):
-        train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=2"], tmp_path))
+        train_tokenizer(load_config([*TINY_TOKENIZER, "name=run", "tokenizer.train.steps=1"], tmp_path))
     assert checkpoint.stat().st_size == 100  # left for the user to inspect
 
 
@@ -396,13 +408,13 @@ def test_metrics_of_a_resumed_run_have_one_row_per_step(tmp_path):
     """Decided: steps computed again after a resume replace their earlier rows."""
     from stage1_tokenizer.train import train_tokenizer
 
-    steps = ["name=run", "tokenizer.train.ckpt_every=2"]
-    result = train_tokenizer(load_config([*TINY_TOKENIZER, *steps, "tokenizer.train.steps=3"], tmp_path))
+    steps = ["name=run", "tokenizer.train.ckpt_every=2", "tokenizer.train.steps=3"]
+    result = train_tokenizer(load_config([*TINY_TOKENIZER, *steps], tmp_path))
     last = Path(result["checkpoint"])
     last.unlink()  # as if killed after logging step 3 and before its checkpoint landed: resume at 2
-    train_tokenizer(load_config([*TINY_TOKENIZER, *steps, "tokenizer.train.steps=4"], tmp_path))
+    train_tokenizer(load_config([*TINY_TOKENIZER, *steps], tmp_path))
     rows = (tmp_path / "tokenizer" / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(row)["step"] for row in rows] == [1, 2, 3, 4]
+    assert [json.loads(row)["step"] for row in rows] == [1, 2, 3]
 
 
 def test_a_manifest_cannot_point_a_shard_outside_its_cache(tmp_path):

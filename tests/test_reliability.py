@@ -18,6 +18,7 @@ from PIL import Image
 from shared import runtime as runtime_lib
 from shared.data.images import make_image_loader
 from shared.data.shards import write_shards
+from shared.data.sampler import BatchSplit
 from shared.errors import ConfigError, DataError
 from shared.train.checkpoint import CheckpointDir, atomic_save, load_checkpoint
 from shared.train.backends import OptimConfig
@@ -172,9 +173,9 @@ def test_rerun_into_a_run_of_another_model_config_is_refused(tmp_path):
     from stage1_tokenizer.train import train_tokenizer
 
     train_tokenizer(tokenizer_cfg(tmp_path, "name=run", "tokenizer.train.steps=1"))
-    with pytest.raises(ConfigError, match="another model config"):
+    with pytest.raises(ConfigError, match="another model config"):  # even when asked to continue with changes
         train_tokenizer(tokenizer_cfg(tmp_path, "name=run", "tokenizer.train.steps=2",
-                                      "tokenizer.encoder.base_channels=8"))
+                                      "tokenizer.encoder.base_channels=8", "resume_changed=true"))
 
 
 def test_rerun_with_a_name_continues_that_run_even_beside_a_newer_one(tmp_path):
@@ -226,7 +227,8 @@ def test_zero_stage_3_is_refused_before_the_engine_starts():
 
     runtime = SimpleNamespace(device=torch.device("cpu"), autocast_dtype=None)
     with pytest.raises(ConfigError, match="ZeRO stage 3"):
-        DeepSpeedBackend(runtime, OnePhase(), {"net": OptimConfig(lr=1e-3)}, {"zero_optimization": {"stage": 3}})
+        DeepSpeedBackend(runtime, OnePhase(), {"net": OptimConfig(lr=1e-3)}, {"zero_optimization": {"stage": 3}},
+                         BatchSplit(8, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------- disk

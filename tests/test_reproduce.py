@@ -57,6 +57,18 @@ def test_presets_name_four_tokenizers_and_the_claim_rows(name):
         assert claim["baseline"] in slugs and claim["ours"] in slugs
 
 
+def test_fair32_trains_the_headline_pair_with_three_seeds_and_names_rows_for_every_claim():
+    preset = group_config("reproduce", "fair32")
+    rows = {entry["slug"]: entry for entry in preset["tokenizers"]}
+    assert rows["vae_f4"]["seeds"] == rows["epsvae_f4"]["seeds"] == [0, 1, 2]
+    claims = preset["claims"]
+    named = [claims["equal_compression"], claims["speedup"], claims["resolution"],
+             *claims["compression_trend"].values()]
+    assert all(roles["baseline"] in rows and roles["ours"] in rows for roles in named)
+    assert claims["resolution"]["resolution"] in preset["resolution_sweep"]
+    assert preset["common"]["tokenizer.loss.lpips"] == 0.5 and preset["common"]["tokenizer.loss.lpips_net"] == "vgg"
+
+
 def test_a_preset_that_extends_another_changes_only_the_settings_it_names():
     base, longer = group_config("reproduce", "mini"), group_config("reproduce", "mini_long")
     assert longer["tokenizers"] == base["tokenizers"] and longer["claims"] == base["claims"]
@@ -235,3 +247,13 @@ claims:
     assert results["real_data_floor"]["fid"] > 0
     assert shlex.split(results["meta"]["command"]) == [".venv/bin/python", "pipelines/run.py", *arguments]
     assert "## Claims" in (out / "table.md").read_text() and (out / "gfid_vs_throughput.png").is_file()
+
+
+def test_a_results_folder_that_is_a_file_is_one_line_before_any_run(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    result = run_cli("stage=reproduce", "reproduce=small32", f"reproduce.out={taken}", f"output_root={tmp_path}",
+                     check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{taken} is a file, not a folder: set reproduce.out=" in result.stderr
+    assert not (tmp_path / "pipeline").exists()

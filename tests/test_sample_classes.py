@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from shared.config_check import config_problems
+from shared.data.image_files import open_images, write_npz
 from shared.errors import ConfigError
 from stage2_ldm.classes import ClassNames
 from stage2_ldm.sample import labels_to_sample, save_class_grid
@@ -83,10 +84,10 @@ def test_the_config_accepts_class_names_as_labels():
 
 
 def test_the_class_grid_writes_each_rows_class_beside_it(tmp_path):
-    images = torch.zeros(6, 3, 16, 16)
     labels = torch.tensor([0, 0, 2, 2, 1, 1])
-    save_class_grid(images, labels, tmp_path / "plain.png", None)
-    save_class_grid(images, labels, tmp_path / "named.png", ClassNames(list(NAMES), {}))
+    samples = open_images(write_npz(tmp_path / "samples.npz", torch.zeros(6, 3, 16, 16), labels))
+    save_class_grid(samples, labels, tmp_path / "plain.png", None)
+    save_class_grid(samples, labels, tmp_path / "named.png", ClassNames(list(NAMES), {}))
     plain, named = (np.asarray(Image.open(tmp_path / f"{kind}.png")) for kind in ("plain", "named"))
     grid_width = 2 + 2 * 18  # two samples per class, 16 px each with 2 px gaps
     assert plain.shape[0] == named.shape[0] == 2 + 3 * 18

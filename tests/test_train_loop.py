@@ -46,19 +46,22 @@ class Regression(TrainModule):
         return loss, {"mse": loss.detach()}
 
 
-def batches_from(start_step, fail_at=None, on_batch=None):
-    sampler = ResumableBatchSampler(len(INPUTS), 8, seed=3, start_batch=start_step)
-    for step, pairs in enumerate(sampler, start=start_step):
+def batches_from(split, start_step, fail_at=None, on_batch=None):
+    """The micro-batches of one process from step `start_step` on (shared/data/sampler.py)."""
+    sampler = ResumableBatchSampler(len(INPUTS), split.per_rank, seed=3, world_size=split.world_size,
+                                    micro_steps=split.grad_accum, start_batch=split.first_micro_batch(start_step))
+    for micro_batch, pairs in enumerate(sampler, start=split.first_micro_batch(start_step)):
+        step = micro_batch // split.grad_accum
         if step == fail_at:
             raise KeyboardInterrupt("simulated crash")
-        if on_batch:
+        if on_batch and micro_batch % split.grad_accum == 0:
             on_batch(step)
         index = torch.tensor([i for i, _ in pairs])
         yield {"x": INPUTS[index], "y": TARGETS[index]}
 
 
 def loop_config(**overrides):
-    values = dict(steps=12, log_every=1, ckpt_every=4, ema_decay=0.9, max_nonfinite=3,
+    values = dict(steps=12, batch_size=8, log_every=1, ckpt_every=4, ema_decay=0.9, max_nonfinite=3,
                   optim={"model": OptimConfig(lr=1e-2, warmup_steps=3, grad_clip=1.0)})
     values.update(overrides)
     return LoopConfig(**values)
@@ -82,14 +85,14 @@ def run(tmp_path, name, module=None, make_batches=batches_from, **loop_overrides
     torch.manual_seed(0)
     module = module or Regression()
     result = train(runtime, module, make_batches, loop_config(**loop_overrides), model_config={"width": 8},
-                   images_per_batch=8, progress=False)
+                   progress=False)
     return runtime, module, result
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     full_runtime, full_module, _ = run(tmp_path, "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "resumed", make_batches=lambda s: batches_from(s, fail_at=6))
+        run(tmp_path, "resumed", make_batches=lambda split, s: batches_from(split, s, fail_at=6))
     assert CheckpointDir(tmp_path / "ldm" / "resumed" / "checkpoints").steps() == [4]
     resumed_runtime, resumed_module, result = run(tmp_path, "resumed")
     assert result.step == 12
@@ -107,13 +110,13 @@ def test_checkpoints_keep_the_weights_apart_from_the_training_state(tmp_path):
     assert set(safetensors.torch.load_file(path.with_suffix(".safetensors"))) == {
         f"{group}.net.{name}" for group in ("models", "ema") for name in parameters}
     assert json.loads(path.with_suffix(".json").read_text()) == {"step": 4, "config": {"width": 8}}
-    assert set(torch.load(path, weights_only=True)) == {"step", "counters", "rng", "backend"}
+    assert set(torch.load(path, weights_only=True)) == {"step", "counters", "rng", "backend", "config_digest"}
 
 
 def test_a_single_file_checkpoint_written_before_the_weights_moved_out_resumes(tmp_path):
     full_runtime, full_module, _ = run(tmp_path, "full")
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "old", make_batches=lambda s: batches_from(s, fail_at=6))
+        run(tmp_path, "old", make_batches=lambda split, s: batches_from(split, s, fail_at=6))
     checkpoints = CheckpointDir(tmp_path / "ldm" / "old" / "checkpoints")
     state = load_checkpoint(checkpoints.path(4))
     for file in checkpoints.directory.iterdir():
@@ -148,7 +151,7 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(Preempted, match="SIGTERM"):
-        run(tmp_path, "preempted", make_batches=lambda s: batches_from(s, on_batch=sigterm_at_step_3))
+        run(tmp_path, "preempted", make_batches=lambda split, s: batches_from(split, s, on_batch=sigterm_at_step_3))
     assert CheckpointDir(tmp_path / "ldm" / "preempted" / "checkpoints").steps() == [4]
 
 
@@ -163,8 +166,6 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
 
 def test_checkpoint_of_another_model_config_is_refused(tmp_path):
     runtime = make_runtime(tmp_path, "other")
-    train(runtime, Regression(), batches_from, loop_config(steps=4), model_config={"width": 8},
-          images_per_batch=8, progress=False)
+    train(runtime, Regression(), batches_from, loop_config(steps=4), model_config={"width": 8}, progress=False)
     with pytest.raises(ConfigError, match="another model config"):
-        train(runtime, Regression(), batches_from, loop_config(steps=8), model_config={"width": 16},
-              images_per_batch=8, progress=False)
+        train(runtime, Regression(), batches_from, loop_config(steps=8), model_config={"width": 16}, progress=False)

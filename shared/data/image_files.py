@@ -4,10 +4,13 @@ metrics read them and written as stage=sample writes them, plus PNG grids.
 Reading yields uint8 batches (B, 3, H, W) with names for pairing: a folder's names are file paths relative to it
 without suffix ("n01440764/ILSVRC2012_val_00000293"); an .npz's are zero-padded indices ("000017"). Writing takes
 float images in [-1, 1], quantised as a PNG is (`quantize_to_uint8`). The .npz reader and writer stream, so 50k
-samples at 256 px (10 GB) never need to fit in memory.
+samples at 256 px (10 GB) never need to fit in memory, and a batch holds at most PIXELS_PER_BATCH pixels, so a set
+of huge images is read a few (or one) at a time. Every image is read or the set is refused (one DataError naming
+the file): a metric describes exactly the images it was given.
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -24,6 +27,8 @@ from shared.files import atomic_file
 
 NPZ_IMAGES = "arr_0.npy"
 NPZ_LABELS = "arr_1.npy"
+# The most pixels one batch holds (192 MB as uint8): 64 images of 1024², one of 8000².
+PIXELS_PER_BATCH = 2**26
 
 
 class ImageSet:
@@ -40,10 +45,16 @@ class ImageSet:
         """uint8 (stop - start, 3, H, W)."""
         raise NotImplementedError
 
+    def images_per_batch(self, batch_size: int) -> int:
+        """`batch_size`, or fewer where that many images would exceed PIXELS_PER_BATCH (at least one)."""
+        height, width = self.image_size
+        return max(1, min(batch_size, PIXELS_PER_BATCH // (height * width)))
+
     def batches(self, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
-        """(names, uint8 (B, 3, H, W)) in order."""
-        for start in range(0, len(self), batch_size):
-            stop = min(start + batch_size, len(self))
+        """(names, uint8 (B, 3, H, W)) in order, B at most `images_per_batch(batch_size)`."""
+        step = self.images_per_batch(batch_size)
+        for start in range(0, len(self), step):
+            stop = min(start + step, len(self))
             yield self.names[start:stop], self.read(start, stop)
 
 
@@ -67,7 +78,7 @@ class FolderImages(ImageSet):
         try:
             with Image.open(file) as image:
                 array = np.asarray(to_rgb(image))
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read the image {file}: {error}") from error
         return torch.from_numpy(array.copy()).permute(2, 0, 1)  # (3, H, W) uint8
 
@@ -105,12 +116,16 @@ class NpzImages(ImageSet):
             with zipfile.ZipFile(path) as archive, archive.open(NPZ_IMAGES) as member:
                 shape, dtype = _npz_member_header(member)
                 self._data_offset = member.tell()
+                stored = archive.getinfo(NPZ_IMAGES).file_size - self._data_offset
         except KeyError as error:
             raise DataError(f"{path} has no arr_0: expected images as uint8 N x H x W x 3 (ADM layout)") from error
         except (OSError, ValueError, zipfile.BadZipFile) as error:
             raise DataError(f"cannot read {path} as an .npz of images: {error}") from error
-        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3:
+        if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or 0 in shape[1:]:
             raise DataError(f"{path}: arr_0 is {dtype} {shape}, expected uint8 N x H x W x 3 (ADM layout)")
+        if math.prod(shape) != stored:  # before anything is allocated by its header's word
+            raise DataError(f"{path}: arr_0's header declares {shape} ({math.prod(shape)} bytes) but it holds {stored} "
+                            f"bytes: the file is truncated or not what its header says")
         count, height, width, _ = shape
         self.image_size = (height, width)
         width_digits = max(6, len(str(count - 1)))
@@ -130,10 +145,11 @@ class NpzImages(ImageSet):
 
     def batches(self, batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         # One sequential pass over the member: also cheap for compressed archives, where seeking restarts decoding.
+        step = self.images_per_batch(batch_size)
         with zipfile.ZipFile(self.path) as archive, archive.open(NPZ_IMAGES) as member:
             member.seek(self._data_offset)
-            for start in range(0, len(self), batch_size):
-                count = min(batch_size, len(self) - start)
+            for start in range(0, len(self), step):
+                count = min(step, len(self) - start)
                 yield self.names[start:start + count], self._decode(member.read(count * self._image_bytes), count)
 
 

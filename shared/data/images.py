@@ -97,12 +97,13 @@ def build_image_dataset(data_cfg: DictConfig | Mapping, split: str) -> Synthetic
 
 # ---------------------------------------------------------------------------------------------- loaders
 def make_image_loader(data_cfg: DictConfig | Mapping, split: str, batch_size: int, *, train: bool, seed: int = 0,
-                      rank: int = 0, world_size: int = 1, start_batch: int = 0, num_workers: int | None = None,
-                      pin_memory: bool = False, indices: np.ndarray | None = None) -> DataLoader:
+                      rank: int = 0, world_size: int = 1, micro_steps: int = 1, start_batch: int = 0,
+                      num_workers: int | None = None, pin_memory: bool = False,
+                      indices: np.ndarray | None = None) -> DataLoader:
     """Batches {"image": (B, 3, R, R) float in [-1, 1], "label": (B,) int64, "skipped": int} of one rank.
 
     train: infinite, shuffled, flipped if data.random_flip, starting at batch `start_batch` (exact for
-    synthetic/imagefolder). eval: one ordered pass without flips, rank r taking items r, r + world_size, ...
+    synthetic/imagefolder; `micro_steps` batches of each rank make one global batch, shared/data/sampler.py). eval: one ordered pass without flips, rank r taking items r, r + world_size, ...
     of the whole split, or of `indices` (an evaluation subset, shared.data.subsets; synthetic/imagefolder only).
     `loader.dataset.num_classes` / `.class_names` describe the labels.
     """
@@ -122,12 +123,13 @@ def make_image_loader(data_cfg: DictConfig | Mapping, split: str, batch_size: in
         if train:
             raise ValueError("indices select an evaluation subset: they are for train=False loaders")
         dataset = IndexedSubset(dataset, indices)
-    if train and len(dataset) < batch_size * world_size:
-        raise DataError(f"the {split} split has {len(dataset)} images, fewer than one batch of {batch_size} "
-                        f"on each of {world_size} ranks")
+    if train and len(dataset) < batch_size * world_size * micro_steps:
+        raise DataError(f"the {split} split has {len(dataset)} images, fewer than one global batch: {micro_steps} "
+                        f"micro-steps of {batch_size} on each of {world_size} ranks")
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed=seed, shuffle=train,
                                     random_flip=train and bool(data_cfg.get("random_flip", True)), rank=rank,
-                                    world_size=world_size, start_batch=start_batch, infinite=train)
+                                    world_size=world_size, micro_steps=micro_steps, start_batch=start_batch,
+                                    infinite=train)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                       collate_fn=functools.partial(collate_images, resolution=dataset.resolution),
                       persistent_workers=workers > 0, worker_init_fn=leave_signals_to_the_main_process)

@@ -391,19 +391,21 @@ class LatentLoader:
 
 
 def make_latent_loader(cache_dir: str | Path, split: str, batch_size: int, *, seed: int = 0, rank: int = 0,
-                       world_size: int = 1, start_batch: int = 0, random_flip: bool = True,
+                       world_size: int = 1, micro_steps: int = 1, start_batch: int = 0, random_flip: bool = True,
                        expected_tokenizer_fingerprint: str | None = None, expected_channels: int | None = None,
                        verify_checksums: bool = False) -> LatentLoader:
     """Infinite iterator of {"mean": (B, C, h, w), "std": (B, C, h, w), "label": (B,) int64} for one rank.
 
-    Batch k is a pure function of (seed, k, rank, world_size), so `start_batch=k` resumes a run exactly. With
+    Batch k is a pure function of (seed, k, rank, world_size, micro_steps), so `start_batch=k` resumes a run
+    exactly (shared/data/sampler.py: micro_steps batches of batch_size per rank make one global batch). With
     random_flip, each item's flip is drawn with the order and picks the cached latents of the flipped image.
     """
     cache = LatentCache(cache_dir, split, expected_tokenizer_fingerprint=expected_tokenizer_fingerprint,
                         expected_channels=expected_channels, verify_checksums=verify_checksums)
-    if len(cache) < batch_size * world_size:
+    if len(cache) < batch_size * world_size * micro_steps:
         raise DataError(f"the latent cache {cache.dir} holds {len(cache)} images, fewer than one global batch "
-                        f"({batch_size} x {world_size} processes)")
+                        f"({batch_size} x {world_size} processes x {micro_steps} micro-steps)")
     sampler = ResumableBatchSampler(len(cache), batch_size, seed=seed, shuffle=True, random_flip=random_flip,
-                                    rank=rank, world_size=world_size, start_batch=start_batch, infinite=True)
+                                    rank=rank, world_size=world_size, micro_steps=micro_steps,
+                                    start_batch=start_batch, infinite=True)
     return LatentLoader(cache, sampler)

@@ -143,7 +143,10 @@ def evaluate_samples(samples_path: str | Path, mu_ref: np.ndarray, sigma_ref: np
     return result, features
 
 
-def _resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict) -> dict[str, np.ndarray]:
+def resolve_reference(cfg: DictConfig, device: torch.device, not_computed: dict) -> dict[str, np.ndarray]:
+    """The reference of cfg.evaluate: {"mu", "sigma", ...} of evaluate.reference, or of the data's
+    evaluate.reference_split (cached, computed once). What it lacks for the asked-for metrics goes into
+    `not_computed`."""
     settings = cfg.evaluate
     if settings.reference is not None:
         reference = _npz_reference(Path(settings.reference), device, settings.precision_recall, settings.batch_size,
@@ -168,7 +171,7 @@ def evaluate_to_folder(cfg: DictConfig, samples: str | Path, run_dir: str | Path
         raise DataError(f"evaluate.samples={samples} does not exist")
     with setup(cfg, run_dir=run_dir) as runtime:
         not_computed: dict[str, str] = {}
-        reference = _resolve_reference(cfg, runtime.device, not_computed)
+        reference = resolve_reference(cfg, runtime.device, not_computed)
         result, features = evaluate_samples(
             samples, reference["mu"], reference["sigma"], runtime.device, batch_size=settings.batch_size,
             spatial_ref=(reference["mu_s"], reference["sigma_s"]) if settings.sfid and "mu_s" in reference else None,

@@ -12,7 +12,13 @@ The .pt is written last, so its presence marks a complete checkpoint; older chec
 new one is in place. Any failure of the write (a full disk raises RuntimeError from torch.save, not OSError) is one
 DataError, and the temporary file is always removed. Inference reads the weights and the JSON only; resuming
 assembles the three into the dict that was saved. A checkpoint written before the weights moved out is a single
-.pt holding everything (no .safetensors beside it) and is read as before.
+.pt holding everything (neither a .safetensors nor a .json beside it) and is read as before.
+
+The three files must belong together: the step and a digest of the .json's config are also stored with the weights
+(safetensors metadata) and in the training state, and a reader that finds them disagree raises one DataError
+(checkpoints written before the digests are read without it). A run folder given as a checkpoint means its newest
+checkpoint whose files are there, read and agree: a newer one that does not is skipped with a warning, by every
+reader (resume, inference, export).
 
 The .pt holds only tensors and plain values (dicts, lists, tuples, numbers, strings), so every read uses
 torch.load(weights_only=True): a file someone shared whose pickle would call a function is refused before anything
@@ -24,6 +30,7 @@ takes one wherever it takes a checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import pickle
@@ -54,6 +61,9 @@ WEIGHTS_CONFIG = "model.json"
 WEIGHT_GROUPS = ("models", "ema")
 HEADER_KEYS = ("step", "config")
 WEIGHTS_SUFFIXES = (".safetensors", ".json")  # the files beside a checkpoint's .pt
+# Stored with the weights (safetensors metadata, as text) and in the training state, beside the step: a digest of
+# the config in the .json, so that a reader can tell whether the three files belong together.
+CONFIG_DIGEST = "config_digest"
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -73,16 +83,41 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
                         f"kept (free space or fix the folder, then rerun the same command)") from error
 
 
-def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """`tensors` as a .safetensors file, atomically. safetensors refuses tensors that share memory (tied weights, or
-    a network and its EMA handed over as the same dict), so every tensor after the first on a storage is a copy."""
+def config_digest(config) -> str:
+    """sha256 of a stored config as canonical JSON (the same before saving and after reading it back)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def header_fields(header: dict) -> dict[str, str]:
+    """The fields that the weights and the training state of a checkpoint with this header store beside it, as the
+    text safetensors metadata holds: the step and the config's digest."""
+    fields = {CONFIG_DIGEST: config_digest(header.get("config"))}
+    if "step" in header:
+        fields["step"] = str(header["step"])
+    return fields
+
+
+def check_agreement(label: str, header: dict, stored: dict, where: str) -> None:
+    """DataError unless the step and config digest `stored` in `where` (a file of the checkpoint or weights folder
+    `label` names) are those of its header. A file written before these were stored has neither, and agrees."""
+    for key, expected in header_fields(header).items():
+        if key in stored and str(stored[key]) != expected:
+            raise DataError(f"{label} does not hold together: {where} records {key} {str(stored[key])[:16]}, "
+                            f"its .json {expected[:16]} (a file was edited, or copied from another checkpoint): "
+                            f"restore it, or move this checkpoint's files away to use the one before")
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """`tensors` as a .safetensors file with `metadata`, atomically. safetensors refuses tensors that share memory
+    (tied weights, or a network and its EMA handed over as the same dict), so every tensor after the first on a
+    storage is a copy."""
     stored, seen = {}, set()
     for name, tensor in tensors.items():
         tensor = tensor.detach().cpu()
         storage = tensor.untyped_storage().data_ptr()
         stored[name] = tensor.clone(memory_format=torch.contiguous_format) if storage in seen else tensor.contiguous()
         seen.add(storage)
-    atomic_write(path, lambda f: f.write(safetensors.torch.save(stored)))
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(stored, metadata=metadata)))
 
 
 def save_json(path: Path, values: dict) -> None:
@@ -93,43 +128,74 @@ def save_weights_folder(directory: str | Path, network: str, state_dict: dict, c
     """A weights folder: `model.safetensors` (state_dict) and `model.json`; returns the folder."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors(directory / WEIGHTS_FILE, state_dict)
-    save_json(directory / WEIGHTS_CONFIG, {"network": network, "step": step, "config": config})
+    header = {"network": network, "step": step, "config": config}
+    save_safetensors(directory / WEIGHTS_FILE, state_dict, header_fields(header))
+    save_json(directory / WEIGHTS_CONFIG, header)
     return directory
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """`state` as the weights (step_N.safetensors), the header (step_N.json) and, last, the training state (`path`,
-    step_N.pt), so that a .pt is never there without its weights. Network names hold no dot (tensor names split
-    at the first two)."""
+    step_N.pt), so that a .pt is never there without its weights. The weights and the training state also store
+    the step and the config's digest (`header_fields`). Network names hold no dot (tensor names split at the first
+    two)."""
+    header = {key: state[key] for key in HEADER_KEYS if key in state}
+    fields = header_fields(header)
     save_safetensors(path.with_suffix(".safetensors"),
                      {f"{group}.{network}.{name}": tensor for group in WEIGHT_GROUPS
-                      for network, state_dict in state.get(group, {}).items() for name, tensor in state_dict.items()})
-    save_json(path.with_suffix(".json"), {key: state[key] for key in HEADER_KEYS if key in state})
-    atomic_save({key: value for key, value in state.items() if key not in (*WEIGHT_GROUPS, "config")}, path)
+                      for network, state_dict in state.get(group, {}).items() for name, tensor in state_dict.items()},
+                     fields)
+    save_json(path.with_suffix(".json"), header)
+    training_state = {key: value for key, value in state.items() if key not in (*WEIGHT_GROUPS, "config")}
+    atomic_save({**training_state, CONFIG_DIGEST: fields[CONFIG_DIGEST]}, path)
 
 
-def has_weights_file(path: Path) -> bool:
-    """Whether checkpoint `path` keeps its weights in a .safetensors (every checkpoint written since they moved out
-    of the .pt), rather than being a single .pt holding everything."""
-    return path.suffix == ".safetensors" or path.with_suffix(".safetensors").is_file()
+def is_single_file(path: Path) -> bool:
+    """Whether checkpoint `path` is a single .pt holding everything, as written before the weights moved out into a
+    .safetensors and a .json (neither is beside it)."""
+    return path.suffix != ".safetensors" and not any(path.with_suffix(suffix).exists() for suffix in WEIGHTS_SUFFIXES)
+
+
+def _read_header(header_path: Path, weights_path: Path, label: str) -> dict:
+    """The JSON object at `header_path`, checked against the metadata of the .safetensors at `weights_path` (read
+    without its tensors); a missing, unreadable or disagreeing file is one DataError starting with `label`."""
+    try:
+        header = json.loads(header_path.read_text())
+        if not isinstance(header, dict):
+            raise ValueError(f"{header_path.name} is not a JSON object")
+        with safetensors.safe_open(weights_path, framework="pt") as weights:
+            metadata = weights.metadata() or {}
+    except (OSError, ValueError, safetensors.SafetensorError) as error:
+        raise DataError(f"{label} cannot be read ({type(error).__name__}: {error})") from error
+    check_agreement(label, header, metadata, weights_path.name)
+    return header
+
+
+def _read_tensors(weights_path: Path, label: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(weights_path, device=device)
+    except (OSError, safetensors.SafetensorError) as error:
+        raise DataError(f"{label} cannot be read ({type(error).__name__}: {error})") from error
+
+
+def read_checkpoint_header(path: Path) -> dict:
+    """{"step", "config"} of a checkpoint (`path` is any of its files) from its .json, checked against what its
+    .safetensors stores beside the weights; reads no tensor and no pickle."""
+    return _read_header(path.with_suffix(".json"), path.with_suffix(".safetensors"), f"checkpoint {path}")
 
 
 def load_checkpoint_weights(path: Path, device: str = "cpu") -> dict:
-    """{"step", "config", "models", "ema"} of a checkpoint from its .safetensors and .json; `path` is any of its
-    files. Reads no pickle."""
-    weights, header = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    try:
-        checkpoint = json.loads(header.read_text())
-        if not isinstance(checkpoint, dict):
-            raise ValueError(f"{header.name} is not a JSON object")
-        for key, tensor in safetensors.torch.load_file(weights, device=device).items():
-            group, network, name = key.split(".", 2)
-            checkpoint.setdefault(group, {}).setdefault(network, {})[name] = tensor
-        return checkpoint
-    except (OSError, ValueError, safetensors.SafetensorError) as error:
-        raise DataError(f"checkpoint {weights} with {header.name} cannot be read ({type(error).__name__}: "
-                        f"{error})") from error
+    """{"step", "config", "models", "ema"} of a checkpoint from its .safetensors and .json, checked to agree; `path`
+    is any of its files. Reads no pickle."""
+    checkpoint = read_checkpoint_header(path)
+    for key, tensor in _read_tensors(path.with_suffix(".safetensors"), f"checkpoint {path}", device).items():
+        parts = key.split(".", 2)
+        if len(parts) != 3 or parts[0] not in WEIGHT_GROUPS:
+            raise DataError(f"checkpoint {path} holds a tensor {key!r}, not <models|ema>.<network>.<parameter>: it "
+                            f"was not written by this toolkit")
+        group, network, name = parts
+        checkpoint.setdefault(group, {}).setdefault(network, {})[name] = tensor
+    return checkpoint
 
 
 def is_weights_folder(path: Path) -> bool:
@@ -138,24 +204,33 @@ def is_weights_folder(path: Path) -> bool:
 
 def load_weights_folder(directory: Path) -> dict:
     """A weights folder as a checkpoint dict: {"step", "config", "models": {network: state_dict}}."""
-    try:
-        header = json.loads((directory / WEIGHTS_CONFIG).read_text())
-        state_dict = safetensors.torch.load_file(directory / WEIGHTS_FILE)
-        return {"step": header["step"], "config": header["config"], "models": {header["network"]: state_dict}}
-    except (OSError, ValueError, KeyError, TypeError, safetensors.SafetensorError) as error:
-        raise DataError(f"weights folder {directory} cannot be read ({type(error).__name__}: {error}); export it "
-                        f"again with stage=export") from error
+    label = f"weights folder {directory}"
+    header = _read_header(directory / WEIGHTS_CONFIG, directory / WEIGHTS_FILE, label)
+    if not {"network", "step", "config"} <= set(header):
+        raise DataError(f"{label} cannot be read ({WEIGHTS_CONFIG} lacks network, step or config): export it again "
+                        f"with stage=export")
+    state_dict = _read_tensors(directory / WEIGHTS_FILE, label)
+    return {"step": header["step"], "config": header["config"], "models": {header["network"]: state_dict}}
+
+
+def check_intact(path: Path) -> Path:
+    """`path`, if the header and weights of checkpoint `path` read and agree (without reading a tensor); DataError
+    otherwise. A single-file checkpoint has no parts to compare: reading it is its check."""
+    if not is_single_file(path):
+        read_checkpoint_header(path)
+    return path
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file (its .pt, or its .safetensors for the weights alone), a weights folder, or the newest
-    complete checkpoint (its .pt) of a run folder (`<run>` or `<run>/checkpoints`)."""
+    intact checkpoint (its .pt) of a run folder (`<run>` or `<run>/checkpoints`): newer ones whose files are
+    missing, unreadable or disagree are skipped with a warning."""
     path = Path(path)
     if is_weights_folder(path):
         return path
     if path.is_dir():
         for directory in (path / "checkpoints", path):
-            newest = CheckpointDir(directory).latest()
+            newest = CheckpointDir(directory).newest_readable(check_intact)
             if newest is not None:
                 return newest
         raise DataError(f"no checkpoint (step_*.pt) in {path} or {path / 'checkpoints'}")
@@ -195,13 +270,16 @@ def load_checkpoint(path: str | Path, map_location="cpu", mmap: bool = False) ->
     device = str(map_location)  # safetensors takes a device's name
     if path.suffix == ".safetensors":
         return load_checkpoint_weights(path, device)  # the weights alone: no training state to add
+    weights = None if is_single_file(path) else load_checkpoint_weights(path, device)
     checkpoint = safe_torch_load(path, f"checkpoint {path}", "it was not written by this toolkit. Train with this "
                                  "toolkit, or load the weights with the code that wrote them and save them as tensors",
                                  allowed_globals=NUMPY_ARRAY_GLOBALS, map_location=map_location, mmap=mmap)
     if not isinstance(checkpoint, dict):
         raise DataError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not this toolkit's checkpoint dict")
-    if has_weights_file(path):
-        checkpoint.update(load_checkpoint_weights(path, device))
+    if weights is not None:
+        check_agreement(f"checkpoint {path}", weights, checkpoint, path.name)
+        checkpoint.pop(CONFIG_DIGEST, None)
+        checkpoint.update(weights)
     return checkpoint
 
 
@@ -212,9 +290,9 @@ def load_weights(path: str | Path, mmap: bool = False) -> dict:
     path = resolve_checkpoint(path)
     if path.is_dir():
         return load_weights_folder(path)
-    if has_weights_file(path):
-        return load_checkpoint_weights(path)
-    return load_checkpoint(path, mmap=mmap)
+    if is_single_file(path):
+        return load_checkpoint(path, mmap=mmap)
+    return load_checkpoint_weights(path)
 
 
 def refuse_code_in(directory: Path, allowed: frozenset[str]) -> None:
@@ -277,14 +355,14 @@ class CheckpointDir:
     def latest(self) -> Path | None:
         return self.path(self.steps()[-1]) if self.steps() else None
 
-    def load_latest(self, map_location="cpu") -> dict | None:
-        """The newest checkpoint that reads; an unreadable newer one (e.g. a full disk) is reported and skipped.
-        None when there is none; a DataError when there are some and none reads, since starting over from step 0
-        would silently throw the run away."""
+    def newest_readable(self, read: Callable[[Path], object]):
+        """read(path) of the newest checkpoint it reads without a DataError; a newer one that fails (a full disk, a
+        deleted or edited file) is reported and skipped. None when there is none; a DataError when there are some
+        and none reads, since starting over from step 0 would silently throw the run away."""
         problems = []
         for step in reversed(self.steps()):
             try:
-                return load_checkpoint(self.path(step), map_location)
+                return read(self.path(step))
             except DataError as error:
                 log.warning("skipping unreadable checkpoint: %s", error)
                 problems.append(str(error))
@@ -293,6 +371,10 @@ class CheckpointDir:
                             f"{problems[0]}); move them out of the folder to train this run from step 0, or use a "
                             f"new name=...")
         return None
+
+    def load_latest(self, map_location="cpu") -> dict | None:
+        """The newest checkpoint that reads, whole (`newest_readable`)."""
+        return self.newest_readable(lambda path: load_checkpoint(path, map_location))
 
 
 def load_model_state(path: str | Path, name: str, use_ema: bool = True) -> tuple[dict, dict]:

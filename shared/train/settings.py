@@ -18,7 +18,10 @@ def optim_config(train_cfg: DictConfig, prefix: str = "") -> OptimConfig:
 
 
 def loop_config(train_cfg: DictConfig, optim: dict[str, OptimConfig]) -> LoopConfig:
-    return LoopConfig(steps=train_cfg.steps, log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every,
-                      sample_every=train_cfg.get("sample_every", 0), ema_decay=train_cfg.ema_decay,
+    """The loop's settings; `fid_every` (stage=ldm's FID during training) is its evaluation interval."""
+    return LoopConfig(steps=train_cfg.steps, batch_size=train_cfg.batch_size, grad_accum=train_cfg.grad_accum,
+                      log_every=train_cfg.log_every, ckpt_every=train_cfg.ckpt_every,
+                      sample_every=train_cfg.get("sample_every", 0), evaluate_every=train_cfg.get("fid_every", 0),
+                      ema_decay=train_cfg.ema_decay,
                       max_nonfinite=train_cfg.get("max_nonfinite", 10),
                       keep_checkpoints=train_cfg.get("keep_checkpoints", 2), optim=optim)
