@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from pipelines.configs import compose_config
+from shared.train.loop import TrainModule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +49,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bo
         raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n"
                              f"{result.stdout}\n{result.stderr}")
     return result
+
+
+class ToyRegression(TrainModule):
+    """The training loop's test module: one small MLP under one optimiser ("model"); subclasses give its loss."""
+
+    def __init__(self, seed: int | None = None):
+        super().__init__()
+        if seed is not None:  # the same initial weights in every test that builds one
+            torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def phases(self):
+        return ["model"]
+
+    def phase_parameters(self, phase):
+        return list(self.net.parameters())
+
+    def networks(self):
+        return {"net": self.net}

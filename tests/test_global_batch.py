@@ -7,35 +7,23 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from shared import runtime as runtime_lib
 from shared.data.sampler import BatchSplit, ResumableBatchSampler
 from shared.errors import ConfigError
 from shared.train.backends import OptimConfig
-from shared.train.loop import LoopConfig, TrainModule, train
-from tests.helpers import REPO, load_config
+from shared.train.loop import LoopConfig, train
+from tests.helpers import REPO, ToyRegression, load_config
 
 INPUTS = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
 TARGETS = INPUTS @ torch.randn(5, 1, generator=torch.Generator().manual_seed(1))
 
 
-class Regression(TrainModule):
+class Regression(ToyRegression):
     """A linear regression without noise: its loss is a mean over the batch, so micro-steps add up exactly."""
 
     def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
-
-    def phases(self):
-        return ["model"]
-
-    def phase_parameters(self, phase):
-        return list(self.net.parameters())
-
-    def networks(self):
-        return {"net": self.net}
+        super().__init__(seed=0)
 
     def forward(self, batch, step, phase):
         loss = (self.net(batch["x"]) - batch["y"]).pow(2).mean()

@@ -13,12 +13,12 @@ from shared import runtime as runtime_lib
 from shared.errors import ConfigError
 from shared.nn import enable_activation_checkpointing
 from shared.train.backends import OptimConfig
-from shared.train.loop import LoopConfig, TrainModule, log_peak_memory, train
+from shared.train.loop import LoopConfig, log_peak_memory, train
 from stage1_tokenizer.dit_decoder import DiTDecoder
 from stage1_tokenizer.train import train_tokenizer
 from stage1_tokenizer.unet import ADMUNet
 from stage2_ldm.dit import build_dit
-from tests.helpers import load_config
+from tests.helpers import ToyRegression, load_config
 
 
 def dit():
@@ -71,23 +71,12 @@ def test_activation_checkpointing_of_a_tokenizer_without_a_diffusion_decoder_is_
         train_tokenizer(cfg)
 
 
-class Regression(TrainModule):
+class Regression(ToyRegression):
     """Its loss is multiplied by `gain` for `loud_steps`: in fp16 the scaled gradients overflow there."""
 
     def __init__(self, gain=1.0, loud_steps=()):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
+        super().__init__(seed=0)
         self.gain, self.loud_steps = gain, set(loud_steps)
-
-    def phases(self):
-        return ["model"]
-
-    def phase_parameters(self, phase):
-        return list(self.net.parameters())
-
-    def networks(self):
-        return {"net": self.net}
 
     def forward(self, batch, step, phase):
         loss = (self.net(batch["x"]).float() - batch["y"]).pow(2).mean()

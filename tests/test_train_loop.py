@@ -6,7 +6,6 @@ import signal
 import pytest
 import safetensors.torch
 import torch
-from torch import nn
 
 from shared import runtime as runtime_lib
 from shared.data.sampler import ResumableBatchSampler
@@ -14,29 +13,19 @@ from shared.errors import ConfigError
 from shared.train.checkpoint import CheckpointDir, load_checkpoint
 from shared.preemption import Preempted
 from shared.train.backends import OptimConfig
-from shared.train.loop import LoopConfig, NonFiniteError, TrainModule, train
-from tests.helpers import load_config
+from shared.train.loop import LoopConfig, NonFiniteError, train
+from tests.helpers import ToyRegression, load_config
 
 INPUTS = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
 TARGETS = INPUTS @ torch.randn(5, 1, generator=torch.Generator().manual_seed(1))
 
 
-class Regression(TrainModule):
+class Regression(ToyRegression):
     """A noisy linear regression: the loss uses torch's RNG, so RNG state matters for exact resume."""
 
     def __init__(self, nan_steps=()):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1))
         self.nan_steps = set(nan_steps)
-
-    def phases(self):
-        return ["model"]
-
-    def phase_parameters(self, phase):
-        return list(self.net.parameters())
-
-    def networks(self):
-        return {"net": self.net}
 
     def forward(self, batch, step, phase):
         noisy = batch["x"] + 0.1 * torch.randn_like(batch["x"])
