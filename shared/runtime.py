@@ -5,6 +5,7 @@ same code runs on a laptop CPU and on GPU nodes; nothing else in the project pic
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import errno
@@ -126,6 +127,14 @@ def init_process_group(launcher: DictConfig, device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
+    # Leave the group while the interpreter is still whole: a process that exits with it alive can abort in Gloo's
+    # teardown ("terminate called without an active exception", SIGABRT), and torchrun then kills the other ranks.
+    atexit.register(_leave_process_group)
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def finished_result(run_dir: str | Path) -> dict | None:

@@ -10,6 +10,13 @@ IMAGENETTE = REPO.parent / "shared" / "data" / "imagenette2-224"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_configure(config):
+    from tests.helpers import THREADS
+    import torch
+
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture
 def imagenette() -> Path:
     if not (IMAGENETTE / "train").is_dir():

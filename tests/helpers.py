@@ -40,9 +40,14 @@ def load_config(overrides: list[str], output_root: Path | None = None) -> DictCo
     return cfg
 
 
+# Threads per test process: README's `pytest -n 2` gives each of its two workers one of the two cores, and the
+# subprocesses a test starts inherit that share.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True, script: str = "run.py"):
     """Run `python pipelines/SCRIPT ARGS` in a subprocess and return the CompletedProcess."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, str(REPO / "pipelines" / script), *args], cwd=cwd or REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
