@@ -39,15 +39,22 @@ CONFIG_FILE = "config.yaml"
 SETTINGS_HISTORY = "settings_history.jsonl"
 # Locked by the process using a run folder, and naming it; the kernel releases the lock when that process ends.
 LOCK_FILE = ".lock"
+# The id of the run folder's wandb run, written when the folder first opens wandb: a resumed run logs into the same
+# wandb run instead of a new one.
+WANDB_RUN_ID_FILE = "wandb_run_id"
+# logger=tensorboard writes its event files here, in the run folder.
+TENSORBOARD_DIR = "tensorboard"
+# Where log_metrics sends each metrics.jsonl row as well (`logger=`); wandb.mode further chooses how wandb logs.
+LOGGERS = ("wandb", "tensorboard", "none")
 
 # Keys (dotted) that change how a run is shown, stored, laid out in memory or split into micro-steps, or what is run
 # next, not what it computes: a rerun that differs only in these resumes the same run. `import`, `export`,
 # `paper_speed` and `reproduce` configure only stages that never resume, and no other stage reads them: runs and
 # pipeline folders made before they existed still match. `pipeline.steps` chooses which steps run, not what any of
 # them computes; the data order does not depend on the loader's workers.
-NON_SEMANTIC_KEYS = ("name", "progress", "wandb", "output_root", "channels_last", "import", "export", "paper_speed",
-                     "reproduce", "pipeline", "resume_changed", "data.num_workers", "tokenizer.train.grad_accum",
-                     "ldm.train.grad_accum", "tokenizer.train.activation_checkpointing",
+NON_SEMANTIC_KEYS = ("name", "progress", "logger", "wandb", "output_root", "channels_last", "import", "export",
+                     "paper_speed", "reproduce", "pipeline", "resume_changed", "data.num_workers",
+                     "tokenizer.train.grad_accum", "ldm.train.grad_accum", "tokenizer.train.activation_checkpointing",
                      "ldm.train.activation_checkpointing")
 
 
@@ -305,6 +312,7 @@ class Runtime:
     world_size: int = 1
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("epsvae"))
     _wandb_run: object = None
+    _tensorboard: object = None  # torch.utils.tensorboard.SummaryWriter with logger=tensorboard
     _lock: Path | None = None
     _superseded: SupersededSettings | None = None
 
@@ -322,7 +330,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def log_metrics(self, step: int, values: dict) -> None:
-        """One JSON line in metrics.jsonl (and a wandb row), main process only."""
+        """One JSON line in metrics.jsonl (and a wandb row, or TensorBoard scalars), main process only."""
         if not self.is_main:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
@@ -330,6 +338,11 @@ class Runtime:
             f.write(json.dumps(row) + "\n")
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=step)
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, step)
+            self._tensorboard.flush()  # written at once, as metrics.jsonl is: a killed run loses no row
 
     def forget_metrics_after(self, step: int) -> None:
         """Drop metrics.jsonl rows of steps after `step`: a run resumed from the checkpoint of `step` logs those
@@ -341,6 +354,9 @@ class Runtime:
         kept = [line for line in lines if _logged_step(line) <= step]
         if len(kept) != len(lines):
             write_atomically(path, "".join(kept))
+            if self._tensorboard is not None:  # TensorBoard hides the earlier events of steps from purge_step on
+                self._tensorboard.close()
+                self._tensorboard = _start_tensorboard(self.run_dir, purge_step=step + 1)
 
     def save_config(self, step: int | None = None) -> None:
         """Record the config in the run folder: once the run is accepted (a new folder, a resume whose checkpoint
@@ -383,7 +399,7 @@ class Runtime:
     def __enter__(self) -> Runtime:
         return self
 
-    def __exit__(self, *exc_info) -> None:  # on errors too: the log file and wandb run are closed either way
+    def __exit__(self, *exc_info) -> None:  # on errors too: the log file and loggers are closed either way
         self.close()
 
     def close(self) -> None:
@@ -392,6 +408,9 @@ class Runtime:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         for handler in list(self.log.handlers):
             if isinstance(handler, logging.FileHandler):
                 handler.close()
@@ -435,6 +454,8 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
     folder is locked against other processes until the runtime closes.
     """
     check_config(cfg)
+    if cfg.logger not in LOGGERS:
+        raise ConfigError(f"logger={cfg.logger!r} is not one of {', '.join(LOGGERS)}")
     if cfg.launcher.kind != "deepspeed" and cfg.launcher.get("config"):
         raise ConfigError(f"launcher.config={cfg.launcher.config} is a DeepSpeed option but launcher="
                           f"{cfg.launcher.kind}; use launcher=deepspeed or drop launcher.config")
@@ -483,17 +504,34 @@ def setup(cfg: DictConfig, run_dir: str | Path | None = None, resume: bool = Fal
         runtime.save_config()  # an existing folder keeps its config until the stage accepts this one
     log.info("stage=%s run_dir=%s device=%s precision=%s world_size=%d", cfg.stage, run_dir, device,
              autocast_dtype or "fp32", world_size)
-    if rank == 0 and cfg.wandb.mode != "disabled":
+    if rank == 0 and cfg.logger == "wandb" and cfg.wandb.mode != "disabled":
         runtime._wandb_run = _start_wandb(cfg, run_dir)
+    if rank == 0 and cfg.logger == "tensorboard":
+        runtime._tensorboard = _start_tensorboard(run_dir)
     return runtime
 
 
 def _start_wandb(cfg: DictConfig, run_dir: Path):
+    """The wandb run of `run_dir`: the one it opened before (its id is in WANDB_RUN_ID_FILE), else a new one."""
     os.environ.setdefault("WANDB_MODE", cfg.wandb.mode)
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
         import wandb
     except ImportError:
         return None
-    return wandb.init(project=cfg.wandb.project, name=f"{cfg.stage}/{run_dir.name}", dir=str(run_dir),
-                      mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    id_file = run_dir / WANDB_RUN_ID_FILE
+    earlier = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.is_file() else {}
+    run = wandb.init(project=cfg.wandb.project, name=f"{cfg.stage}/{run_dir.name}", dir=str(run_dir),
+                     mode=cfg.wandb.mode, config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
+                     **earlier)
+    if not earlier:
+        write_atomically(id_file, run.id + "\n")
+    return run
+
+
+def _start_tensorboard(run_dir: Path, purge_step: int | None = None):
+    """A SummaryWriter into the run folder's TENSORBOARD_DIR; events of steps from `purge_step` on that earlier
+    writers left (a resumed run logs those steps again) are hidden from TensorBoard."""
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is asked for
+
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step)
