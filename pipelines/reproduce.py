@@ -85,9 +85,10 @@ def chosen_preset(cfg: DictConfig, rows_key: str) -> tuple[str, dict, list[str]]
 
     name = HydraConfig.get().runtime.choices.get("reproduce") if HydraConfig.initialized() else None
     preset = OmegaConf.to_container(cfg.reproduce, resolve=True)
-    if name is None or rows_key not in preset:
+    # A preset that extends another may set a key it inherits to null: it is then no preset of that stage.
+    if name is None or preset.get(rows_key) is None:
         presets = sorted(path.stem for path in (CONFIG_DIR / "reproduce").glob("*.yaml")
-                         if rows_key in group_config("reproduce", path.stem))
+                         if group_config("reproduce", path.stem).get(rows_key) is not None)
         raise ConfigError(f"stage={cfg.stage} runs a preset with {rows_key}: add reproduce=NAME, one of {presets}")
     task = HydraConfig.get().overrides.task
     extra = [override for override in task

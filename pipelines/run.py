@@ -38,6 +38,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "reproduce": ("pipelines.reproduce:main", "the paper's claims, several main jobs and one table: reproduce=PRESET"),
     "ablation": ("pipelines.ablation:main", "the paper's ablation ladder (Table 5): reproduce=ladder32"),
     "pilot": ("pipelines.pilot:main", "short trainings and a decode sweep that fix a recipe: reproduce=fair32_pilot"),
+    "budget": ("pipelines.budget:main", "the ε-VAE − VAE gap after each training budget, and its trend: "
+                                        "reproduce=budget32"),
     "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
     "import": ("pipelines.interop:import_weights", "weights of diffusers or facebookresearch/DiT -> a checkpoint"),
     "export": ("pipelines.interop:export_weights", "a checkpoint -> diffusers folder, DiT .pt or safetensors folder"),
@@ -52,7 +54,7 @@ def stages_help() -> str:
         + "\n".join(lines)
         + "\nPresets: experiment=smoke (embedded data, minutes on a CPU), experiment=imagenette_mini, "
         "experiment=imagenet256_*; reproduce=fair32|small32|paper for stage=reproduce, reproduce=ladder32 for "
-        "stage=ablation, reproduce=fair32_pilot for stage=pilot. See README.md."
+        "stage=ablation, reproduce=fair32_pilot for stage=pilot, reproduce=budget32 for stage=budget. See README.md."
     )
 
 

@@ -55,7 +55,7 @@ LOGGERS = ("wandb", "tensorboard", "none")
 NON_SEMANTIC_KEYS = ("name", "progress", "logger", "wandb", "output_root", "channels_last", "import", "export",
                      "paper_speed", "reproduce", "pipeline", "resume_changed", "data.num_workers",
                      "tokenizer.train.grad_accum", "ldm.train.grad_accum", "tokenizer.train.activation_checkpointing",
-                     "ldm.train.activation_checkpointing")
+                     "ldm.train.activation_checkpointing", "tokenizer.train.keep_steps", "ldm.train.keep_steps")
 
 
 def resolve_device(spec: str) -> torch.device:

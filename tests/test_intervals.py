@@ -5,7 +5,7 @@ from scipy import stats
 
 from shared.metrics.fid import feature_statistics, frechet_distance
 from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
-from shared.metrics.intervals import (mean_interval, normal_interval, paired_image_differences,
+from shared.metrics.intervals import (log_step_trend, mean_interval, normal_interval, paired_image_differences,
                                       replicate_evaluation_variance, seeded_difference,
                                       seeded_difference_of_differences, verdict)
 
@@ -208,3 +208,49 @@ def test_a_difference_of_seeded_differences_adds_the_seed_parts_and_borrows_a_mi
     alone = seeded_difference_of_differences([-2.5], [-1.0], 0.04)
     assert alone["seeds"] == 1 and alone["seed_variance"] is None
     assert alone["ci95"] == pytest.approx(normal_interval(-1.5, 0.2))
+
+
+BUDGETS = np.array([600, 1200, 2400, 4800, 9600])
+
+
+def per_image_trend(slope: float, intercept: float, images: int, seed: int, resamples: int = 200) -> dict:
+    """log_step_trend of per-image differences d_ik = intercept + slope·log2(steps_k / 600) + v_i + e_ik (v_i an
+    image's lasting offset, the same at every budget; e_ik its budget-to-budget noise), with replicates from image
+    resamples drawn once for all budgets, as the budget stage makes them."""
+    generator = np.random.default_rng(seed)
+    line = intercept + slope * np.log2(BUDGETS / 600)
+    per_image = line[:, None] + generator.normal(0, 2.0, images)[None] + generator.normal(0, 1.0, (5, images))
+    counts = generator.multinomial(images, np.full(images, 1 / images), size=resamples)  # (R, N)
+    return log_step_trend(BUDGETS, per_image.mean(axis=1), counts @ per_image.T / images)
+
+
+def test_a_trend_recovers_the_slope_and_extrapolates_where_the_line_reaches_zero():
+    exact = log_step_trend(BUDGETS, 4.0 - 0.5 * np.log2(BUDGETS / 600),
+                           np.tile(4.0 - 0.5 * np.log2(BUDGETS / 600), (10, 1)) + np.arange(10)[:, None] * 0.01)
+    # 4 at 600 steps, 0.5 less per doubling: 0 after 8 doublings, at 600 · 2⁸ steps. A shift common to all budgets
+    # (an image resample that favours one arm at every budget) moves no slope.
+    assert exact["slope"] == pytest.approx(-0.5) and exact["slope_std"] == pytest.approx(0, abs=1e-12)
+    assert exact["at_last"] == pytest.approx(2.0) and exact["crossing_steps"] == pytest.approx(600 * 2 ** 8)
+    noisy = per_image_trend(-0.5, 4.0, images=400, seed=0)
+    assert noisy["slope_ci95"][0] < -0.5 < noisy["slope_ci95"][1] < 0
+    assert noisy["crossing_ci95"][0] < noisy["crossing_steps"] < noisy["crossing_ci95"][1]
+
+
+def test_a_difference_that_grows_never_reaches_zero_ahead():
+    growing = per_image_trend(0.5, 1.0, images=400, seed=1)
+    assert growing["crossing_steps"] is None and growing["crossing_ci95"][1] == np.inf
+    flat = per_image_trend(0.0, 1.0, images=400, seed=2)  # no trend: "never" is not excluded
+    assert flat["slope_ci95"][0] < 0 < flat["slope_ci95"][1] and flat["crossing_ci95"][1] == np.inf
+
+
+def test_the_slope_interval_covers_the_true_slope_95_percent_of_the_time():
+    covered = [(lambda ci: ci[0] < -0.3 < ci[1])(per_image_trend(-0.3, 2.0, images=100, seed=seed)["slope_ci95"])
+               for seed in range(300)]
+    assert 0.92 <= np.mean(covered) <= 0.98
+
+
+def test_a_trend_needs_two_budgets_and_replicates_of_each():
+    with pytest.raises(ValueError, match="2 or more budgets"):
+        log_step_trend([600], [1.0], np.zeros((5, 1)))
+    with pytest.raises(ValueError, match="replicates"):
+        log_step_trend(BUDGETS, np.zeros(5), np.zeros((5, 4)))

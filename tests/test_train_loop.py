@@ -90,6 +90,16 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_milestone_checkpoints_are_written_kept_and_change_nothing_else(tmp_path):
+    plain_runtime, plain_module, _ = run(tmp_path, "plain")
+    runtime, module, _ = run(tmp_path, "milestones", keep_checkpoints=1, keep_steps=(3, 6))
+    # ckpt_every 4 writes 4, 8, 12; the milestones 3 and 6 are written although 4 does not divide them, and stay.
+    assert CheckpointDir(runtime.run_dir / "checkpoints").steps() == [3, 6, 12]
+    assert losses_by_step(runtime.run_dir) == pytest.approx(losses_by_step(plain_runtime.run_dir), abs=0)
+    for a, b in zip(plain_module.parameters(), module.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_checkpoints_keep_the_weights_apart_from_the_training_state(tmp_path):
     runtime, module, _ = run(tmp_path, "layout", steps=4)
     path = CheckpointDir(runtime.run_dir / "checkpoints").path(4)

@@ -36,6 +36,11 @@ seed no seed part can be estimated: the interval is the evaluation part's alone 
 "seed_variance": None), for callers to report that it ignores training-seed variance.
 `seeded_difference_of_differences` compares two such differences (e.g. the ε-VAE − VAE gap at f8 against f4): the
 seed parts of the two groups add up (a group of one seed takes the other's seed variance, and says so).
+
+`log_step_trend(steps, estimates, replicates)`: how a difference measured at several training budgets of one run
+moves per doubling of the steps (a least-squares line on log2 steps), and where that line would reach zero. Every
+budget is measured on the same images, so its spread comes from image resamples drawn once for all budgets (the
+replicates), which keeps the budgets' correlation; it holds no training-seed variance (one run per arm).
 """
 from __future__ import annotations
 
@@ -207,3 +212,52 @@ def replicate_evaluation_variance(replicate_differences) -> float:
     if not np.all(np.isfinite(replicates)):
         raise ValueError("replicate differences must be finite")
     return float(replicates.mean(axis=0).var(ddof=1))
+
+
+def log_step_trend(steps, estimates, replicates, confidence: float = CONFIDENCE) -> dict:
+    """The least-squares line of `estimates` (K,), a difference (ours − baseline) measured after `steps` (K,) training
+    steps, on x = log2(steps); `replicates` (R, K) the same difference on R image resamples, resample r drawn once
+    for every budget (e.g. FrechetBootstrap.resample counts given to every budget's FIDs, or the same counts
+    weighting every budget's per-image differences).
+
+    Returns {"slope": change per doubling of the steps, "slope_ci95": normal interval from the replicates' slopes,
+    "slope_std", "at_last": the line's value at the last budget, "crossing_steps": the step count at which the line
+    reaches 0, ahead of the last budget (None when the line moves away from 0, or reached it before the last budget),
+    "crossing_ci95": [2.5%, 97.5%] percentiles of the replicates' crossings, each replicate that never reaches 0
+    ahead counted as infinitely far (an upper bound of inf: the data do not exclude "never"), "replicates": R}.
+    A crossing beyond the last budget is an extrapolation of the line, not a measurement.
+    """
+    x = np.log2(np.asarray(steps, dtype=np.float64))
+    estimates = np.asarray(estimates, dtype=np.float64)
+    replicates = np.asarray(replicates, dtype=np.float64)
+    if x.ndim != 1 or len(x) < 2 or estimates.shape != x.shape:
+        raise ValueError(f"a trend needs estimates at 2 or more budgets, one per step count; got steps {x.shape}, "
+                         f"estimates {estimates.shape}")
+    if replicates.ndim != 2 or replicates.shape[1] != len(x) or replicates.shape[0] < 2:
+        raise ValueError(f"replicates must have the shape (resamples >= 2, {len(x)}), got {replicates.shape}")
+    centred = x - x.mean()
+    weights = centred / (centred ** 2).sum()  # slope = weights · y, the least-squares slope of y on x
+
+    def crossing(values: np.ndarray) -> float:
+        """log2 of the steps where the line through `values` reaches 0 ahead of the last budget; inf if never."""
+        slope = weights @ values
+        at_last = values.mean() + slope * centred[-1]
+        if slope == 0 or np.sign(slope) == np.sign(at_last):  # moving away from 0 (or already past it)
+            return math.inf
+        return x[-1] - at_last / slope
+
+    slope = float(weights @ estimates)
+    slopes = replicates @ weights
+    slope_std = float(slopes.std(ddof=1))
+    quantile = stats.norm.ppf((1 + confidence) / 2)
+    ahead = crossing(estimates)
+    crossings = np.sort([crossing(values) for values in replicates])
+    tail = (1 - confidence) / 2
+    # Order statistics, not interpolated between them: between a finite crossing and an infinite one there is none.
+    bounds = [float(2 ** np.quantile(crossings, tail, method="lower")),
+              float(2 ** np.quantile(crossings, 1 - tail, method="higher"))]
+    return {"slope": slope, "slope_ci95": [slope - quantile * slope_std, slope + quantile * slope_std],
+            "slope_std": slope_std, "at_last": float(estimates.mean() + slope * centred[-1]),
+            "crossing_steps": None if math.isinf(ahead) else float(2 ** ahead), "crossing_ci95": bounds,
+            "replicates": len(replicates)}
+

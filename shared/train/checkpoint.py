@@ -313,11 +313,13 @@ def refuse_code_in(directory: Path, allowed: frozenset[str]) -> None:
 
 
 class CheckpointDir:
-    """`<run>/checkpoints/step_000001000.pt`, ...; keeps the newest `keep`."""
+    """`<run>/checkpoints/step_000001000.pt`, ...; keeps the newest `keep`, and those of `keep_steps` (the
+    milestones a study of the training budget evaluates) for good."""
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int = 2, keep_steps: tuple[int, ...] = ()):
         self.directory = Path(directory)
         self.keep = max(1, keep)
+        self.keep_steps = frozenset(keep_steps)
 
     def steps(self) -> list[int]:
         if not self.directory.is_dir():
@@ -336,7 +338,7 @@ class CheckpointDir:
         except DataError:
             self.remove_incomplete()  # the weights written before the training state failed
             raise
-        for old in self.steps()[: -self.keep]:
+        for old in (step for step in self.steps()[: -self.keep] if step not in self.keep_steps):
             # The .pt first: the checkpoint stops existing before its weights go.
             for file in (self.path(old), *(self.path(old).with_suffix(suffix) for suffix in WEIGHTS_SUFFIXES)):
                 file.unlink(missing_ok=True)

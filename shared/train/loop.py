@@ -70,6 +70,7 @@ class LoopConfig:
     ema_decay: float = 0.999
     max_nonfinite: int = 10
     keep_checkpoints: int = 2
+    keep_steps: tuple[int, ...] = ()  # checkpoints written at these steps too, and never removed
     optim: dict[str, OptimConfig] = field(default_factory=dict)
 
 
@@ -191,7 +192,8 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
     backend = make_backend(runtime, module, loop.optim, deepspeed_config, split)
     ema_name, ema_source = next(iter(module.networks().items()))
     ema = EMA(ema_source, loop.ema_decay)
-    checkpoints = CheckpointDir(runtime.run_dir / "checkpoints", keep=loop.keep_checkpoints)
+    checkpoints = CheckpointDir(runtime.run_dir / "checkpoints", keep=loop.keep_checkpoints,
+                                keep_steps=loop.keep_steps)
     counters = {"nonfinite_steps": 0, "nonfinite_in_row": 0, "skipped_images": 0, "overflow_steps": 0}
 
     start_step = 0
@@ -299,7 +301,8 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
                 window = {"sums": {}, "counts": {}, "steps": 0, "time": time.perf_counter()}
             if on_sample is not None and loop.sample_every and done % loop.sample_every == 0 and runtime.is_main:
                 on_sample(done, ema)
-            saved = done % loop.ckpt_every == 0 or done == loop.steps or preemption.signal_name
+            saved = (done % loop.ckpt_every == 0 or done in loop.keep_steps or done == loop.steps
+                     or preemption.signal_name)
             if saved:
                 last_checkpoint = save(done)
             if on_evaluate is not None and loop.evaluate_every and done % loop.evaluate_every == 0:

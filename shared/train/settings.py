@@ -24,4 +24,5 @@ def loop_config(train_cfg: DictConfig, optim: dict[str, OptimConfig]) -> LoopCon
                       sample_every=train_cfg.get("sample_every", 0), evaluate_every=train_cfg.get("fid_every", 0),
                       ema_decay=train_cfg.ema_decay,
                       max_nonfinite=train_cfg.get("max_nonfinite", 10),
-                      keep_checkpoints=train_cfg.get("keep_checkpoints", 2), optim=optim)
+                      keep_checkpoints=train_cfg.get("keep_checkpoints", 2),
+                      keep_steps=tuple(train_cfg.keep_steps), optim=optim)

@@ -1,0 +1,62 @@
+"""stage=budget: the budget32 preset is fair32's headline pair, and a tiny budget study end to end."""
+import json
+
+import numpy as np
+import pytest
+
+from pipelines.configs import group_config
+from shared.train.checkpoint import CheckpointDir
+from tests.helpers import run_cli
+
+
+def test_budget32_trains_fair32s_headline_pair_with_fair32s_recipe():
+    budget, fair = group_config("reproduce", "budget32"), group_config("reproduce", "fair32")
+    assert budget["common"] == fair["common"] and budget.get("claims") is None
+    headline = {entry["slug"]: {**entry, "seeds": entry["seeds"][:1]} for entry in fair["tokenizers"]}
+    assert [entry for entry in budget["tokenizers"]] == [headline["vae_f4"], headline["epsvae_f4"]]
+    assert budget["budget_steps"] == sorted(budget["budget_steps"]) and budget["budget_steps"][-1] == 9600
+
+
+@pytest.mark.slow
+def test_a_tiny_budget_study_keeps_each_budget_and_measures_the_trend(tmp_path):
+    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
+    (tmp_path / "presets" / "reproduce" / "tiny_budget.yaml").write_text("""
+experiment: smoke
+common: {data.train_size: 64, data.val_size: 20, tokenizer.train.batch_size: 8, tokenizer.train.sample_every: 100,
+         tokenizer.train.ckpt_every: 100, tokenizer.train.log_every: 1, reconstruct.num_images: 20,
+         decode.batch_size: 10, decode.nfe: 1, evaluate.bootstrap: 10}
+tokenizers:
+  - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0], overrides: []}
+  - {label: "eps", slug: eps, tokenizer: epsvae_tiny, seeds: [0], overrides: []}
+budget_steps: [2, 3, 5]
+compare: {baseline: vae, ours: eps}
+psnr_target: 40.0
+""")
+    out = tmp_path / "results"
+    command = ["stage=budget", "reproduce=tiny_budget", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
+               f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
+               "device=cpu"]
+    run_cli(*command, timeout=1800)
+    results = json.loads((out / "results.json").read_text())
+    folder = tmp_path / "pipeline" / "reproduce_tiny_budget_eps_s0"
+    # trained once to the largest budget; every budget's checkpoint kept although ckpt_every divides none of them
+    assert CheckpointDir(folder / "tokenizer" / "checkpoints").steps() == [2, 3, 5]
+    for row in results["rows"]:
+        assert [m["steps"] for m in row["measurements"]] == [2, 3, 5]
+    # each budget measured its own checkpoint: the difference moves between budgets
+    psnr = results["comparison"]["psnr"]
+    estimates = [budget["estimate"] for budget in psnr["by_budget"]]
+    assert len(set(estimates)) == 3
+    eps = {m["steps"]: m for m in results["rows"][1]["measurements"]}
+    per_image = [np.load(eps[steps]["per_image"])["psnr"] for steps in (2, 5)]
+    assert not np.array_equal(*per_image)
+    trend = psnr["trend"]
+    assert trend["slope_ci95"][0] <= trend["slope"] <= trend["slope_ci95"][1]
+    assert trend["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    assert results["psnr_target"]["steps"] == 5 and results["psnr_target"]["reached"] is False
+    table = (out / "table.md").read_text()
+    assert "Target: VAE PSNR ≥ 40.0 dB at 5 steps" in table and (out / "budget_difference.png").is_file()
+    # reproduce.train=false tabulates what exists, training nothing, with the same numbers
+    again = run_cli(*command, "reproduce.train=false", timeout=600)
+    assert "== " not in again.stdout
+    assert json.loads((out / "results.json").read_text())["comparison"]["psnr"]["by_budget"] == psnr["by_budget"]
