@@ -4,11 +4,12 @@
 The name must be one folder name: a run writes to ${output_root}/${stage}/${name}/ and nowhere else.
 
 Every numeric leaf of the resolved config is checked against the first rule whose pattern matches its dotted path
-(fnmatch, so `*.batch_size` covers data, tokenizer, ldm, cache, sample, ...). Every float anywhere must also be
-finite. A bad value is refused at start-up with one line that names the key, the value and what it must be, instead
-of surfacing later as a hang (a negative batch size), a traceback (a zero batch size, lr=nan) or a silently
-different computation (decode.nfe=0). A setting that is a list (LIST_RULES) must be one: a scalar in its place
-(betas=0.9, pipeline.steps=tokenizer) is refused, not guessed at.
+(fnmatch, so `*.batch_size` covers data, tokenizer, ldm, cache, sample, ...), and against COMBINATION_RULES where its
+range depends on another setting. Every float anywhere must also be finite. A bad value is refused at start-up with
+one line that names the key, the value and what it must be, instead of surfacing later as a hang (a negative batch
+size), a traceback (a zero batch size, lr=nan) or a silently different computation (decode.nfe=0). A setting that
+is a list (LIST_RULES) must be one: a scalar in its place (betas=0.9, pipeline.steps=tokenizer) is refused, not
+guessed at.
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("seed", SEED),
     ("*.seed", SEED),
     ("*.batch_size", COUNT),
+    ("*.grad_accum", COUNT),            # micro-steps per optimiser step
     ("*.loader_batch_size", COUNT),
     ("*.dit_batch_size", COUNT),
     ("*.image_batch_size", COUNT),
@@ -94,8 +96,11 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*.log_every", COUNT),
     ("*.ckpt_every", COUNT),
     ("*.sample_every", NON_NEGATIVE_INT),   # 0: no previews
+    ("*.fid_every", NON_NEGATIVE_INT),      # 0: no gFID during training
+    ("*.fid_samples", COUNT),               # at least 2 where gFIDs are computed: COMBINATION_RULES
     ("*.max_nonfinite", COUNT),
     ("*.keep_checkpoints", COUNT),
+    ("launcher.timeout_minutes", POSITIVE),  # how long a collective waits for the other processes
     ("decode.nfe", COUNT),
     ("*.resolution", RESOLUTION),
     ("*.num_workers", NON_NEGATIVE_INT),
@@ -141,6 +146,11 @@ RULES: tuple[tuple[str, Rule], ...] = (
     *((f"bench.{key}", COUNT) for key in ("repeats", "latent_size", "image_size", "sample_images", "sample_steps",
                                           "sampling_repeats", "loader_images", "fid_images", "matmul_size",
                                           "conv_channels", "conv_size", "sd_vae_channels.*")),
+)
+
+# (dotted path, rule, dotted path of the condition): the rule applies where the condition is a valid number above 0.
+COMBINATION_RULES: tuple[tuple[str, Rule, str], ...] = (
+    ("ldm.train.fid_samples", Rule(integer=True, low=2), "ldm.train.fid_every"),  # a covariance needs 2 samples
 )
 
 
@@ -209,8 +219,9 @@ def config_problems(cfg: DictConfig | dict) -> list[str]:
     """One "key=value: must be ..." per invalid setting; empty when the run's name, every list and every numeric
     setting are valid."""
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    values = dict(_nodes(container))
     problems = []
-    for path, value in _nodes(container):
+    for path, value in values.items():
         list_rule = next((rule for pattern, rule in LIST_RULES if fnmatch.fnmatchcase(path, pattern)), None)
         if list_rule is not None and not list_rule.accepts(value):
             problems.append(f"{path}={value!r} must be {list_rule.describe()}")
@@ -223,6 +234,10 @@ def config_problems(cfg: DictConfig | dict) -> list[str]:
                 problems.append(f"{path}={value!r} must be {rule.describe()}")
         elif isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{path}={value!r} must be finite")
+    for path, rule, condition in COMBINATION_RULES:
+        active = _rule_for(condition).accepts(values.get(condition)) and values[condition] > 0
+        if active and _rule_for(path).accepts(values.get(path)) and not rule.accepts(values[path]):
+            problems.append(f"{path}={values[path]!r} must be {rule.describe()} where {condition} > 0")
     return problems
 
 

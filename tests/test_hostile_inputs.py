@@ -160,7 +160,7 @@ def test_a_checkpoint_written_before_plain_rng_states_still_loads_and_resumes(tm
 
 
 # ------------------------------------------------------------------------------------ 2-4, steps=0, CFG: numbers
-INVALID_SETTINGS = [  # (override, what the error says)
+INVALID_SETTINGS = [  # (overrides separated by spaces, what the error says)
     ("tokenizer.train.batch_size=-4", "tokenizer.train.batch_size=-4 must be a whole number >= 1"),  # 2: hung
     ("tokenizer.train.batch_size=0", "tokenizer.train.batch_size=0 must be a whole number >= 1"),    # 3
     ("ldm.train.batch_size=2.5", "ldm.train.batch_size=2.5 must be a whole number >= 1"),
@@ -193,12 +193,20 @@ INVALID_SETTINGS = [  # (override, what the error says)
     (f"data.resolution={10**30}", f"data.resolution={10**30} must be a whole number in [1, 4096]"),
     ("data.resolution=65536", "data.resolution=65536 must be a whole number in [1, 4096]"),
     (f"data.train_size={10**30}", f"data.train_size={10**30} must be a whole number in [1, 2147483647]"),
+    # Issue 24's settings: micro-steps, gFIDs during training (a covariance needs 2 samples), collectives' timeout.
+    ("tokenizer.train.grad_accum=0", "tokenizer.train.grad_accum=0 must be a whole number >= 1"),
+    ("ldm.train.grad_accum=-2", "ldm.train.grad_accum=-2 must be a whole number >= 1"),
+    ("ldm.train.fid_every=-1", "ldm.train.fid_every=-1 must be a whole number >= 0"),
+    ("ldm.train.fid_every=5 ldm.train.fid_samples=1",
+     "ldm.train.fid_samples=1 must be a whole number >= 2 where ldm.train.fid_every > 0"),
+    ("launcher=ddp launcher.timeout_minutes=0", "launcher.timeout_minutes=0 must be a finite number > 0"),
+    ("launcher=deepspeed launcher.timeout_minutes=-5", "launcher.timeout_minutes=-5 must be a finite number > 0"),
 ]
 
 
 @pytest.mark.parametrize(("override", "message"), INVALID_SETTINGS, ids=[case[0] for case in INVALID_SETTINGS])
 def test_an_invalid_numeric_setting_is_refused_before_anything_is_written(tmp_path, override, message):
-    cfg = load_config([*TINY_TOKENIZER, override], tmp_path)
+    cfg = load_config([*TINY_TOKENIZER, *override.split()], tmp_path)
     with pytest.raises(ConfigError, match="invalid setting") as error:
         runtime_lib.setup(cfg)
     assert message in str(error.value) and "\n" not in str(error.value)
@@ -218,6 +226,12 @@ def test_a_negative_batch_size_exits_with_one_line_instead_of_hanging(tmp_path):
                          + ["experiment=" + p.stem for p in sorted((REPO / "configs/experiment").glob("*.yaml"))])
 def test_every_shipped_config_passes_the_validation(config):
     assert config_problems(load_config(["stage=pipeline", config])) == []
+
+
+def test_fid_samples_need_two_only_where_gfids_are_computed():
+    assert config_problems(load_config(["stage=ldm", "ldm.train.fid_every=0", "ldm.train.fid_samples=1"])) == []
+    assert config_problems(load_config(["stage=ldm", "ldm.train.fid_every=5", "ldm.train.fid_samples=2"])) == []
+
 
 BASE_CONFIG = load_config(["stage=pipeline", "experiment=smoke"])
 NUMERIC_KEYS = ["tokenizer.train.batch_size", "tokenizer.train.lr", "tokenizer.train.ema_decay", "tokenizer.train.steps",

@@ -1,6 +1,7 @@
 """Two processes under torchrun (gloo, CPU) compute what one process computes with the same global batch split
-into as many parts (grad_accum=2): the same losses and weights (to fp32 rounding); stage=cache and stage=sample
-write what one process writes; a killed rank ends the job in bounded time and a rerun resumes exactly."""
+into as many parts (grad_accum=2): the same losses and weights (to fp32 rounding), under DDP and under DeepSpeed
+ZeRO-1 and ZeRO-2; stage=cache and stage=sample write what one process writes; a killed rank ends the job in bounded
+time and a rerun resumes exactly."""
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from stage1_tokenizer.train import train_tokenizer
 from stage2_ldm.cache import main as cache_main
 from stage2_ldm.sample import sample_to_folder
 from stage2_ldm.train import train_ldm
-from tests.helpers import REPO, load_config
+from tests.helpers import REPO, load_config, torch_threads
 
 TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer.train.steps=4",
         "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=0", "tokenizer.train.ckpt_every=2",
@@ -53,6 +54,23 @@ def made(tmp_path_factory):
     return {"root": root, "tokenizer": tokenizer, "cache": root / "cache"}
 
 
+def dit_overrides(made: dict) -> list[str]:
+    """stage=ldm on the module's tokenizer and cache, into its folder."""
+    return ["stage=ldm", *TINY, f"tokenizer.checkpoint={made['tokenizer']}", f"cache.dir={made['cache']}",
+            f"output_root={made['root']}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_dit(made) -> Path:
+    """The run folder of the tiny DiT trained by one process with the global batch in two micro-steps: what the
+    2-process DiT runs must equal."""
+    run_dir = made["root"] / "ldm" / "single"
+    with torch_threads(1):
+        train_ldm(load_config([*dit_overrides(made), "name=single", "ldm.train.grad_accum=2"], made["root"]),
+                  made["cache"], made["tokenizer"], run_dir=run_dir)
+    return run_dir
+
+
 def rows(run_dir: Path) -> list[dict]:
     return [{key: value for key, value in json.loads(line).items() if key not in TIMING_KEYS}
             for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -73,15 +91,27 @@ def assert_same_run(run_dir: Path, single_dir: Path, networks: tuple[str, ...]) 
 
 
 @pytest.mark.slow
-def test_ddp_dit_on_two_processes_trains_as_one_process_with_two_micro_steps(made, one_thread):
-    ldm = ["stage=ldm", *TINY, f"tokenizer.checkpoint={made['tokenizer']}", f"cache.dir={made['cache']}",
-           f"output_root={made['root']}"]
-    torchrun(*ldm, "launcher=ddp", "name=ddp")
-    single = load_config([*ldm, "name=single", "ldm.train.grad_accum=2"], made["root"])
-    train_ldm(single, made["cache"], made["tokenizer"], run_dir=made["root"] / "ldm" / "single")
+def test_ddp_dit_on_two_processes_trains_as_one_process_with_two_micro_steps(made, one_process_dit):
+    torchrun(*dit_overrides(made), "launcher=ddp", "name=ddp")
     assert json.loads((made["root"] / "ldm" / "ddp" / "metrics.jsonl").read_text().splitlines()[-1])[
         "per_rank_batch"] == 8
-    assert_same_run(made["root"] / "ldm" / "ddp", made["root"] / "ldm" / "single", ("dit",))
+    assert_same_run(made["root"] / "ldm" / "ddp", one_process_dit, ("dit",))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [1, 2])
+def test_deepspeed_zero_dit_on_two_processes_trains_as_one_process_with_two_micro_steps(made, one_process_dit, zero):
+    """ZeRO-1 shards the optimiser state over the 2 ranks, ZeRO-2 the gradients too; the engine steps our warm-up.
+    On a CPU, DeepSpeed compiles its shared-memory all-reduce on first use (about a minute, once per machine: torch's
+    extension cache keeps it), which the training itself does not use."""
+    pytest.importorskip("deepspeed")  # the distributed extra
+    torchrun(*dit_overrides(made), "launcher=deepspeed", f"launcher.config=configs/deepspeed/zero{zero}.json",
+             f"name=zero{zero}")
+    run_dir = made["root"] / "ldm" / f"zero{zero}"
+    shards = sorted(path.name for path in (run_dir / "checkpoints" / "deepspeed" / "step_000000004").iterdir())
+    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert_same_run(run_dir, one_process_dit, ("dit",))
 
 
 @pytest.mark.slow

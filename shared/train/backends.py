@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,9 +140,9 @@ DEEPSPEED_GLOBALS = frozenset({"deepspeed.runtime.zero.config.ZeroStageEnum",
 
 
 class DeepSpeedBackend:
-    """A DeepSpeed engine around the module (one phase). The engine owns optimiser, clipping, warm-up, gradient
-    accumulation and fp16 loss scaling via the JSON config; its own checkpoint (optimizer shards) sits beside ours
-    under checkpoints/deepspeed/."""
+    """A DeepSpeed engine around the module (one phase). The engine owns optimiser, clipping, warm-up (linear_warmup,
+    as LocalBackend's), gradient accumulation and fp16 loss scaling via the JSON config; its own checkpoint (optimizer
+    shards) sits beside ours under checkpoints/deepspeed/."""
 
     def __init__(self, runtime: Runtime, module: nn.Module, optims: dict[str, OptimConfig], ds_config: dict,
                  split: BatchSplit):
@@ -159,9 +160,6 @@ class DeepSpeedBackend:
                                                 weight_decay=optim.weight_decay)
         # torch's Adam avoids compiling DeepSpeed's FusedAdam, which needs a CUDA toolchain.
         ds_config["optimizer"]["params"].setdefault("torch_adam", runtime.device.type != "cuda")
-        ds_config.setdefault("scheduler", {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_num_steps": max(1, optim.warmup_steps),
-            "warmup_type": "linear"}})
         ds_config.update(train_batch_size=split.global_batch, train_micro_batch_size_per_gpu=split.per_rank,
                          gradient_accumulation_steps=split.grad_accum)
         ds_config["bf16"] = {"enabled": runtime.autocast_dtype == torch.bfloat16}
@@ -172,8 +170,11 @@ class DeepSpeedBackend:
         self.phase = phase
         self.grad_accum = split.grad_accum
         self.autocast = runtime.autocast
+        # Our warm-up, not DeepSpeed's WarmupLR (which holds the first two steps at its minimum), so that both backends
+        # train with the same learning rates; a "scheduler" in the JSON replaces it.
+        warmup = None if "scheduler" in ds_config else functools.partial(linear_warmup, warmup_steps=optim.warmup_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.phase_parameters(phase),
-                                                    config=ds_config)
+                                                    config=ds_config, lr_scheduler=warmup)
         self.nonfinite, self.skipped_before = False, 0
 
     def micro_step(self, phase: str, batch: dict, step: int, micro: int, last: bool) -> tuple[torch.Tensor, dict]:
