@@ -161,7 +161,7 @@ def main(cfg: DictConfig) -> dict:
 def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
     """Train and measure every rung and baseline of `preset` (with the overrides `extra`) and write the results
     folder; returns what results.json holds."""
-    out = results_folder(cfg, name)
+    out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, trained, rung_cfg = [], None, None
     for rung, rung_cfg in rung_configs(preset, name, extra):

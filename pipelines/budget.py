@@ -213,7 +213,7 @@ def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:
 def main(cfg: DictConfig) -> dict:
     name, preset, extra = chosen_preset(cfg, "budget_steps")
     preset = selected_rows(preset, "tokenizers", name)
-    out = results_folder(cfg, name)
+    out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     budgets = sorted(preset["budget_steps"])
     configs = {entry["slug"]: budget_run_config(preset, name, entry, extra) for entry in preset["tokenizers"]}

@@ -153,7 +153,7 @@ def plot(rows: list[dict], out: Path) -> None:
 def main(cfg: DictConfig) -> dict:
     name, preset, extra = chosen_preset(cfg, "decode_grid")
     preset = selected_rows(preset, "tokenizers", name)
-    out = results_folder(cfg, name)
+    out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, row_cfg = [], None
     for entry in preset["tokenizers"]:

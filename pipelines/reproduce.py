@@ -44,7 +44,7 @@ from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.machine import describe, summary  # noqa: E402
 from shared.metrics.intervals import format_interval  # noqa: E402
-from shared.runtime import check_writable_folder, finished_result  # noqa: E402
+from shared.runtime import NON_SEMANTIC_KEYS, check_writable_folder, finished_result  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
 # The keys of a stage=reproduce / stage=ablation command line that choose the preset, not the runs' settings.
@@ -108,8 +108,30 @@ def selected_rows(preset: dict, rows_key: str, name: str) -> dict:
     return {**preset, rows_key: [entry for entry in preset[rows_key] if entry["slug"] in only]}
 
 
-def results_folder(cfg: DictConfig, name: str) -> Path:
-    out = Path(cfg.reproduce.out) if cfg.reproduce.out else ROOT / "results" / name
+def changes_results(override: str) -> bool:
+    """Whether a command-line override changes what a run computes (its key is none of NON_SEMANTIC_KEYS)."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return not any(key == kept or key.startswith(kept + ".") for kept in NON_SEMANTIC_KEYS)
+
+
+def trial_settings(cfg: DictConfig, extra: list[str]) -> list[str]:
+    """What makes a run of a preset a trial rather than the preset itself: `reproduce.only`, and the command line's
+    overrides that change what is computed (not output_root, pipeline.steps, progress, ...)."""
+    only = [f"reproduce.only={list(cfg.reproduce.only)}"] if cfg.reproduce.only is not None else []
+    return only + [override for override in extra if changes_results(override)]
+
+
+def results_folder(cfg: DictConfig, name: str, extra: list[str]) -> Path:
+    """reproduce.out, else results/<PRESET> for the preset as written; a trial (trial_settings) never replaces the
+    committed results: its tables go to ${output_root}/results/<PRESET> unless reproduce.out says otherwise."""
+    if cfg.reproduce.out:
+        out = Path(cfg.reproduce.out)
+    elif trial := trial_settings(cfg, extra):
+        out = Path(cfg.output_root) / "results" / name
+        print(f"a trial of the preset {name} ({' '.join(trial)}): its tables go to {out}, not results/{name} "
+              f"(reproduce.out=DIR to choose)", file=sys.stderr, flush=True)
+    else:
+        out = ROOT / "results" / name
     check_writable_folder(out, "reproduce.out")  # before any run: one line, not a traceback after hours of training
     return out
 
@@ -434,7 +456,7 @@ def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dic
     """Run (or resume) every run of every row of `preset` (one per seed of a row's `seeds`), with the overrides
     `extra` on each, and write the results folder; returns what results.json holds. reproduce.train=false trains
     and measures nothing: it tabulates the runs that have finished and lists the others as missing."""
-    out = results_folder(cfg, name)
+    out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, missing, run_cfg = [], [], None
     for entry in preset["tokenizers"]:

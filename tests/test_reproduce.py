@@ -257,3 +257,20 @@ def test_a_results_folder_that_is_a_file_is_one_line_before_any_run(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"{taken} is a file, not a folder: set reproduce.out=" in result.stderr
     assert not (tmp_path / "pipeline").exists()
+
+
+def test_a_trial_of_a_preset_never_replaces_its_committed_results(tmp_path):
+    def folder(extra, only=None):
+        cfg = load_config(["stage=reproduce", "reproduce=small32", f"output_root={tmp_path}",
+                           *([] if only is None else [f"reproduce.only=[{','.join(only)}]"])])
+        return reproduce.results_folder(cfg, "small32", extra)
+
+    committed = reproduce.ROOT / "results" / "small32"
+    # overrides that change nothing the runs compute: the preset's own results
+    assert folder([f"output_root={tmp_path}", "pipeline.steps=[tokenizer,reconstruct]", "progress=false"]) == committed
+    trial = tmp_path / "results" / "small32"
+    assert folder(["tokenizer.train.steps=4"]) == trial  # another budget
+    assert folder(["+tokenizer.loss.extra=1"]) == trial
+    assert folder([], only=["vae_f4"]) == trial  # some rows only
+    cfg = load_config(["stage=reproduce", "reproduce=small32", f"reproduce.out={tmp_path / 'chosen'}"])
+    assert reproduce.results_folder(cfg, "small32", ["tokenizer.train.steps=4"]) == tmp_path / "chosen"
