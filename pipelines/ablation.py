@@ -35,7 +35,7 @@ from pipelines.claims import compare  # noqa: E402
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
-    chosen_preset, machine, results_folder, run_config, run_legacy_command, selected_rows)
+    check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -56,6 +56,24 @@ def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict,
                  "overrides": [*changes, f"decode.nfe={rung['nfe']}", "pipeline.steps=[tokenizer,reconstruct]"]}
         configs.append((rung, run_config(preset, label, entry, extra)))
     return configs
+
+
+def selected_rungs(configs: list[tuple[dict, object]], only: list[str] | None, name: str) -> list[tuple[dict, object]]:
+    """The (rung, config) pairs `reproduce.only` names (all when null), each config still holding the changes of
+    every rung above it; a decode-only rung brings along the trained rung whose tokenizer it decodes."""
+    if only is None:
+        return configs
+    check_only(only, [rung["slug"] for rung, _ in configs], name)
+    kept, trained = [], None
+    for pair in configs:
+        rung = pair[0]
+        if rung["slug"] in only:
+            if rung.get("decode_only") and trained is not None and trained not in kept:
+                kept.append(trained)
+            kept.append(pair)
+        if not rung.get("decode_only"):
+            trained = pair
+    return kept
 
 
 def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
@@ -155,7 +173,7 @@ def plot(rows: list[dict], baselines: list[dict], out: Path) -> None:
 
 def main(cfg: DictConfig) -> dict:
     name, preset, extra = chosen_preset(cfg, "rungs")
-    return climb(cfg, name, selected_rows(preset, "rungs", name), extra)
+    return climb(cfg, name, preset, extra)
 
 
 def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
@@ -164,7 +182,7 @@ def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
     out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, trained, rung_cfg = [], None, None
-    for rung, rung_cfg in rung_configs(preset, name, extra):
+    for rung, rung_cfg in selected_rungs(rung_configs(preset, name, extra), cfg.reproduce.only, name):
         print(f"== {rung['label']} ({rung_cfg.name}, NFE {rung_cfg.decode.nfe})", flush=True)
         reconstruction, pipeline = measure(rung, rung_cfg, trained)
         rows.append(row_of(rung, rung_cfg, reconstruction, pipeline))

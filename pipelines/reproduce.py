@@ -102,10 +102,13 @@ def selected_rows(preset: dict, rows_key: str, name: str) -> dict:
     preset.pop("out", None)
     if only is None:
         return preset
-    known = [entry["slug"] for entry in preset[rows_key]]
-    if set(only) - set(known):
-        raise ConfigError(f"reproduce.only={list(only)}: the preset {name} has the rows {known}")
+    check_only(only, [entry["slug"] for entry in preset[rows_key]], name)
     return {**preset, rows_key: [entry for entry in preset[rows_key] if entry["slug"] in only]}
+
+
+def check_only(only: list[str], known: list[str], name: str) -> None:
+    if not only or set(only) - set(known):
+        raise ConfigError(f"reproduce.only={list(only)}: name one or more of the rows of the preset {name}: {known}")
 
 
 def changes_results(override: str) -> bool:

@@ -5,6 +5,7 @@ import pytest
 
 from pipelines import ablation
 from pipelines.configs import group_config
+from shared.errors import ConfigError
 from shared.runtime import finished_result
 from tests.helpers import run_cli
 
@@ -22,6 +23,21 @@ def test_the_ladder_presets_rungs_accumulate_their_changes():
     assert last.tokenizer.loss.lpips == 0.5 and last.tokenizer.loss.adversarial == 0.5 and last.decode.nfe == 3
     # equal budget on every rung
     assert len({(cfg.tokenizer.train.steps, cfg.tokenizer.train.batch_size) for cfg in configs.values()}) == 1
+
+
+def test_selected_rungs_keep_every_earlier_change_and_the_tokenizer_a_decode_only_rung_decodes():
+    preset = group_config("reproduce", "ladder32")
+    configs = ablation.rung_configs(preset, "ladder32", [])
+    full = dict((rung["slug"], cfg) for rung, cfg in configs)
+    chosen = ablation.selected_rungs(configs, ["reversed_log"], "ladder32")
+    # the decode-only rung comes with the trained rung above it (γ), whose tokenizer it decodes
+    assert [rung["slug"] for rung, _ in chosen] == ["gamma", "reversed_log"]
+    assert all(cfg == full[rung["slug"]] for rung, cfg in chosen)  # with every earlier rung's changes
+    assert [rung["slug"] for rung, _ in ablation.selected_rungs(configs, ["flow", "gamma"], "ladder32")] == [
+        "flow", "gamma"]
+    for only in ([], ["no_such_rung"]):
+        with pytest.raises(ConfigError, match="name one or more of the rows of the preset ladder32"):
+            ablation.selected_rungs(configs, only, "ladder32")
 
 
 @pytest.mark.slow

@@ -202,8 +202,9 @@ def test_only_selects_rows_of_a_preset():
     preset = {**group_config("reproduce", "small32"), "only": ["vae_f4", "epsvae_f8"], "out": None}
     chosen = reproduce.selected_rows(preset, "tokenizers", "small32")
     assert [entry["slug"] for entry in chosen["tokenizers"]] == ["vae_f4", "epsvae_f8"] and "only" not in chosen
-    with pytest.raises(ConfigError, match="has the rows"):
-        reproduce.selected_rows({**preset, "only": ["nope"]}, "tokenizers", "small32")
+    for only in (["nope"], []):
+        with pytest.raises(ConfigError, match="name one or more of the rows of the preset small32"):
+            reproduce.selected_rows({**preset, "only": only}, "tokenizers", "small32")
 
 
 def test_the_older_command_line_becomes_the_stage_s(tmp_path):
