@@ -15,6 +15,17 @@ SHORT = ["stage=pipeline", "experiment=smoke", "data.train_size=128", "data.val_
          "evaluate.reference_images=64", "wandb.mode=disabled", "progress=false"]
 
 
+@pytest.mark.minutes
+def test_the_main_job_s_tokenizer_reconstructs_recognisably(tmp_path):
+    """README's first command must show a working tokenizer: at least 20 dB PSNR at its decoder NFE (seed 0)."""
+    common = ["experiment=smoke", f"output_root={tmp_path}", "seed=0", "wandb.mode=disabled", "progress=false"]
+    run_cli("stage=tokenizer", *common, timeout=1800)  # about 3 minutes on one idle core
+    metrics = json.loads(run_cli("stage=reconstruct", *common, "evaluate.bootstrap=0").stdout.strip().splitlines()[-1])
+    assert metrics["decoder_nfe"] == 2 and metrics["num_images"] == 64
+    assert metrics["psnr"] >= 20.0, metrics
+
+
+@pytest.mark.minutes
 def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
     run_cli(*SHORT, f"output_root={tmp_path}")
     root = tmp_path / "pipeline" / "smoke"
@@ -65,12 +76,3 @@ def test_a_key_added_to_the_configs_after_a_folder_was_made_is_no_difference(tmp
     assert again.returncode == 0, again.stderr
     changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "reconstruct.num_images=31", check=False)
     assert changed.returncode != 0 and "reconstruct.num_images: 32 -> 31" in changed.stderr
-
-
-def test_the_main_job_s_tokenizer_reconstructs_recognisably(tmp_path):
-    """README's first command must show a working tokenizer: at least 20 dB PSNR at its decoder NFE (seed 0)."""
-    common = ["experiment=smoke", f"output_root={tmp_path}", "seed=0", "wandb.mode=disabled", "progress=false"]
-    run_cli("stage=tokenizer", *common, timeout=1800)  # about 2 minutes on 2 idle cores
-    metrics = json.loads(run_cli("stage=reconstruct", *common, "evaluate.bootstrap=0").stdout.strip().splitlines()[-1])
-    assert metrics["decoder_nfe"] == 2 and metrics["num_images"] == 64
-    assert metrics["psnr"] >= 20.0, metrics
