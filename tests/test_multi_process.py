@@ -32,12 +32,12 @@ TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer
 TIMING_KEYS = {"time", "images_per_s", "world_size", "per_rank_batch", "grad_accum"}
 
 
-def torchrun(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 pipelines/run.py ARGS`, one thread per process."""
+def torchrun(*args: str, timeout: float = 900, script: Path = REPO / "pipelines" / "run.py"
+             ) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 SCRIPT ARGS` (pipelines/run.py), one thread per process."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(REPO / "pipelines" / "run.py"), *args], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=timeout)
+                             str(script), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"torchrun {' '.join(args)} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
     return result
 
@@ -101,12 +101,10 @@ def test_ddp_dit_on_two_processes_trains_as_one_process_with_two_micro_steps(mad
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [1, 2])
 def test_deepspeed_zero_dit_on_two_processes_trains_as_one_process_with_two_micro_steps(made, one_process_dit, zero):
-    """ZeRO-1 shards the optimiser state over the 2 ranks, ZeRO-2 the gradients too; the engine steps our warm-up.
-    On a CPU, DeepSpeed compiles its shared-memory all-reduce on first use (about a minute, once per machine: torch's
-    extension cache keeps it), which the training itself does not use."""
+    """ZeRO-1 shards the optimiser state over the 2 ranks, ZeRO-2 the gradients too; the engine steps our warm-up."""
     pytest.importorskip("deepspeed")  # the distributed extra
     torchrun(*dit_overrides(made), "launcher=deepspeed", f"launcher.config=configs/deepspeed/zero{zero}.json",
-             f"name=zero{zero}")
+             f"name=zero{zero}", script=REPO / "tests" / "deepspeed_rank.py")
     run_dir = made["root"] / "ldm" / f"zero{zero}"
     shards = sorted(path.name for path in (run_dir / "checkpoints" / "deepspeed" / "step_000000004").iterdir())
     assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
