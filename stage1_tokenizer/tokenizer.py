@@ -22,7 +22,7 @@ from torch import nn
 from shared.ddpm import GaussianDiffusion
 from shared.errors import ConfigError, DataError
 from shared.flow import euler_sample, input_scale, interpolate, time_grid, velocity_target, x0_from_velocity
-from shared.train.checkpoint import load_model_state
+from shared.train.checkpoint import fit_weights, load_model_state
 from stage1_tokenizer.dgae import DGAEDecoder
 from stage1_tokenizer.dit_decoder import DiTDecoder
 from stage1_tokenizer.encoder import DiagonalGaussian, Encoder, check_downsample
@@ -271,5 +271,5 @@ def load_tokenizer(path, device: torch.device | str, use_ema: bool = True) -> To
         tokenizer = build_tokenizer(upgrade_stored_config(config))
     except ConfigError as error:
         raise DataError(f"checkpoint {path} stores a tokenizer config that cannot be built: {error}") from None
-    tokenizer.load_state_dict(state_dict)
+    fit_weights(tokenizer, state_dict, path)
     return tokenizer.to(device).eval()

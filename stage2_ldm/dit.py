@@ -30,7 +30,7 @@ from torch import nn
 from shared.dit_blocks import NORM_EPS, DiTBlock, FinalLayer, sincos_2d
 from shared.errors import ConfigError
 from shared.nn import CheckpointedBlocks, TimestepEmbedder, zero_module
-from shared.train.checkpoint import load_model_state
+from shared.train.checkpoint import fit_weights, load_model_state
 
 
 class LabelEmbedder(nn.Module):
@@ -161,5 +161,5 @@ def load_dit(path: str | Path, device: torch.device | str, use_ema: bool = True)
     config."""
     state, config = load_model_state(path, "dit", use_ema=use_ema)
     dit = dit_from_model_config(config)
-    dit.load_state_dict(state)
+    fit_weights(dit, state, path)
     return dit.to(device).eval(), config

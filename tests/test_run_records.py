@@ -285,6 +285,22 @@ def test_a_checkpoint_written_before_the_digests_still_loads(tmp_path):
                                                              if key.startswith("models.")}
 
 
+def test_a_checkpoint_from_before_the_digests_with_an_edited_config_is_one_data_error(tmp_path):
+    """Without digests the edit is found only when the weights meet the network the edited config builds."""
+    from stage1_tokenizer.tokenizer import load_tokenizer
+
+    checkpoints = tokenizer_checkpoints(tmp_path, steps=(1,))
+    path = checkpoints.path(1)
+    weights = safetensors.torch.load_file(path.with_suffix(".safetensors"))
+    path.with_suffix(".safetensors").write_bytes(safetensors.torch.save(weights))  # no metadata
+    training_state = torch.load(path, weights_only=True)
+    del training_state["config_digest"]
+    atomic_save(training_state, path)
+    EDITS["config edited"](path)
+    with pytest.raises(DataError, match=rf"checkpoint {path} does not hold together: its weights do not fit "):
+        load_tokenizer(path, "cpu")
+
+
 # ------------------------------------------------------------------------------------ 2: names and outputs
 @pytest.mark.parametrize("name", ["../tokenizer/run", "../../escape", "/tmp/absolute", "..", ".", "a/b", ""])
 def test_a_name_outside_its_stage_folder_is_refused_before_anything_is_written(tmp_path, name):

@@ -395,3 +395,16 @@ def network_state(checkpoint: dict, name: str, use_ema: bool, path: str | Path) 
     if name not in source:
         raise DataError(f"checkpoint {path} has no network {name!r} (it has {sorted(models)})")
     return source[name], checkpoint.get("config", {})
+
+
+def fit_weights(network: torch.nn.Module, state_dict: dict, path: str | Path) -> None:
+    """Load `state_dict` from the checkpoint `path` into `network`, built from the config stored beside it. Weights
+    that do not fit (a checkpoint from before the config digests whose .json was edited, or whose files come from
+    two checkpoints) are one DataError, not load_state_dict's RuntimeError of missing keys and shapes."""
+    try:
+        network.load_state_dict(state_dict)
+    except RuntimeError as error:
+        detail = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise DataError(f"checkpoint {path} does not hold together: its weights do not fit the network its config "
+                        f"describes ({detail}); restore its files or use another checkpoint") from None
+

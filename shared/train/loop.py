@@ -36,7 +36,7 @@ from shared.errors import ConfigError, UserError
 from shared.preemption import Preempted, PreemptionFlag
 from shared.runtime import Runtime, seed_everything
 from shared.train.backends import OptimConfig, Update, make_backend
-from shared.train.checkpoint import CheckpointDir
+from shared.train.checkpoint import CheckpointDir, fit_weights
 from shared.train.ema import EMA
 
 
@@ -203,8 +203,8 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
             raise ConfigError(f"the checkpoint in {checkpoints.directory} was written for another model config; "
                               f"use a new name=... for this config or delete that run")
         for name, network in module.networks().items():
-            network.load_state_dict(state["models"][name])
-        ema.model.load_state_dict(state["ema"][ema_name])
+            fit_weights(network, state["models"][name], checkpoints.directory)
+        fit_weights(ema.model, state["ema"][ema_name], checkpoints.directory)
         start_step = state["step"]
         backend.load_state_dict(state["backend"], checkpoints.directory, start_step)
         counters.update(state["counters"])
