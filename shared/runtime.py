@@ -105,35 +105,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(launcher: DictConfig, device: torch.device) -> None:
     """Join the process group that torchrun / the deepspeed launcher describe in the environment.
 
-    A single process started by hand gets a one-member group on localhost, so `launcher=ddp|deepspeed` also runs
-    (and is tested) without a launcher.
+    A single process started by hand gets a one-member group, so `launcher=ddp|deepspeed` also runs (and is tested)
+    without a launcher.
     """
     if dist.is_initialized():
         return
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, default)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launched = "MASTER_ADDR" in os.environ  # torchrun and the deepspeed launcher set it for every rank
     backend = launcher.get("backend", "auto")
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     # How long a collective waits for the other processes before the job ends with an error: long enough for a rank
     # that has nothing left to do to wait at a barrier while the others work (launcher.timeout_minutes).
     timeout = datetime.timedelta(minutes=launcher.timeout_minutes)
+    device_id = device if device.type == "cuda" else None
+    if not launched:
+        # One member needs no rendezvous: an in-memory store, no port. (A free port found and released could be
+        # taken by another process before the group listened on it: EADDRINUSE beside other jobs.)
+        for key in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(key, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id,
+                                timeout=timeout)
     if launcher.kind == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    else:
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # the group above, or the launcher's
+    elif launched:
+        dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
     # Leave the group while the interpreter is still whole: a process that exits with it alive can abort in Gloo's
     # teardown ("terminate called without an active exception", SIGABRT), and torchrun then kills the other ranks.
     atexit.register(_leave_process_group)

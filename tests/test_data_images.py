@@ -93,6 +93,16 @@ def test_synthetic_is_deterministic_labelled_and_in_range():
     assert not torch.equal(dataset[0]["image"], SyntheticImages(40, 24, split="val")[0]["image"])
 
 
+def test_a_synthetic_split_kept_in_memory_gives_what_a_drawn_one_gives(monkeypatch):
+    kept = SyntheticImages(40, 24)
+    for index in (3, 3, 17):  # the second read of 3 comes from memory
+        assert torch.equal(kept[(index, True)]["image"], kept[(index, True)]["image"])
+    monkeypatch.setattr("shared.data.synthetic.DRAWN_CACHE_BYTES", 0)  # too large to keep: drawn on every read
+    drawn = SyntheticImages(40, 24)
+    assert all(torch.equal(kept[(index, flip)]["image"], drawn[(index, flip)]["image"])
+               for index in (3, 17, 39) for flip in (False, True))
+
+
 def test_synthetic_classes_are_recognisable_from_their_colour():
     """A nearest-class-mean classifier on the colour of each image's most saturated pixels (the object) must
     label unseen images far above chance (10%): class conditioning shows in the pictures."""

@@ -23,6 +23,7 @@ from shared.data.transforms import preprocess
 
 GOLDEN_RATIO = (1 + math.sqrt(5)) / 2
 SUPERSAMPLE = 4  # shapes are drawn at 4× and box-filtered down: anti-aliased edges at any resolution
+DRAWN_CACHE_BYTES = 64 * 2 ** 20  # a split whose uint8 images fit keeps them once drawn (SyntheticImages)
 
 
 def _regular_polygon(corners: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
@@ -136,6 +137,10 @@ class SyntheticImages(Dataset):
         self._split_key = zlib.crc32(split.encode())  # stable across processes, unlike hash()
         self.class_names = [f"{texture} {shape} (hue {hue:.2f})"
                             for shape, texture, hue in map(class_look, range(num_classes))]
+        # Drawing an image costs milliseconds, a training step reads 16-64 of them, and every epoch draws the same
+        # ones again: a split that fits in DRAWN_CACHE_BYTES keeps what it has drawn.
+        fits = num_images * resolution * resolution * 3 <= DRAWN_CACHE_BYTES
+        self._drawn: dict[int, Image.Image] | None = {} if fits else None
 
     def __len__(self) -> int:
         return self.num_images
@@ -145,8 +150,13 @@ class SyntheticImages(Dataset):
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         label = index % self.num_classes
+        if self._drawn is not None and index in self._drawn:
+            return self._drawn[index], label
         rng = np.random.default_rng([self.seed, self._split_key, index])
-        return draw_image(label, self.resolution, rng), label
+        image = draw_image(label, self.resolution, rng)
+        if self._drawn is not None:
+            self._drawn[index] = image
+        return image, label
 
     def __getitem__(self, item: int | tuple[int, bool]) -> dict[str, torch.Tensor | int]:
         index, flip = item if isinstance(item, tuple) else (item, False)
