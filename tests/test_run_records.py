@@ -272,14 +272,21 @@ def test_a_checkpoint_whose_files_disagree_is_one_data_error(tmp_path, edit):
     assert checkpoints.load_latest()["step"] == 1  # a run folder falls back to the checkpoint before
 
 
-def test_a_checkpoint_written_before_the_digests_still_loads(tmp_path):
-    checkpoints = tokenizer_checkpoints(tmp_path, steps=(1,))
-    path = checkpoints.path(1)
+def written_before_the_digests(path: Path) -> dict:
+    """Strip the step and config digests from the checkpoint `path`, as checkpoints were written before them; its
+    weights."""
     weights = safetensors.torch.load_file(path.with_suffix(".safetensors"))
     path.with_suffix(".safetensors").write_bytes(safetensors.torch.save(weights))  # no metadata
     training_state = torch.load(path, weights_only=True)
     del training_state["config_digest"]
     atomic_save(training_state, path)
+    return weights
+
+
+def test_a_checkpoint_written_before_the_digests_still_loads(tmp_path):
+    checkpoints = tokenizer_checkpoints(tmp_path, steps=(1,))
+    path = checkpoints.path(1)
+    weights = written_before_the_digests(path)
     assert load_checkpoint(path)["step"] == 1 and resolve_checkpoint(tmp_path) == path
     assert set(load_weights(path)["models"]["tokenizer"]) == {key.split(".", 2)[2] for key in weights
                                                              if key.startswith("models.")}
@@ -289,13 +296,8 @@ def test_a_checkpoint_from_before_the_digests_with_an_edited_config_is_one_data_
     """Without digests the edit is found only when the weights meet the network the edited config builds."""
     from stage1_tokenizer.tokenizer import load_tokenizer
 
-    checkpoints = tokenizer_checkpoints(tmp_path, steps=(1,))
-    path = checkpoints.path(1)
-    weights = safetensors.torch.load_file(path.with_suffix(".safetensors"))
-    path.with_suffix(".safetensors").write_bytes(safetensors.torch.save(weights))  # no metadata
-    training_state = torch.load(path, weights_only=True)
-    del training_state["config_digest"]
-    atomic_save(training_state, path)
+    path = tokenizer_checkpoints(tmp_path, steps=(1,)).path(1)
+    written_before_the_digests(path)
     EDITS["config edited"](path)
     with pytest.raises(DataError, match=rf"checkpoint {path} does not hold together: its weights do not fit "):
         load_tokenizer(path, "cpu")
