@@ -7,7 +7,10 @@ are Hydra overrides applied on top of all earlier rungs' changes; a rung may swi
 rung trains a tokenizer at the same budget (the preset's `common` settings) and measures rFID and PSNR at the rung's
 decoder NFE on the same class-stratified validation subset. A `decode_only` rung changes only how the previous
 rung's tokenizer decodes (the sampling grid), so it reuses that tokenizer instead of training an identical one.
-`baseline` rows (the matched VAE) are trained and measured beside the ladder.
+`baseline` rows (the matched VAE) are trained and measured beside the ladder. A rung or baseline with `seeds` is
+trained once per seed (runs named `_s<seed>`; a decode-only rung decodes the tokenizer of the same seed, so it has
+its rung's seeds); one without is one run at the config's `seed`. Changes pair the runs of equal seeds
+(pipelines/claims.py): their intervals hold the seed-to-seed spread as well as the images'.
 
 Writes results/<PRESET>/ (or reproduce.out): table.md (each rung with its interval and the paired change from the
 rung before, with the verdict of shared.metrics.intervals on the paper's direction: lower rFID), results.json and
@@ -26,6 +29,7 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:  # the older comman
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -35,7 +39,8 @@ from pipelines.claims import compare  # noqa: E402
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
-    check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
+    cell, check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
+from shared.errors import ConfigError  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -46,19 +51,28 @@ def merge_overrides(base: list[str], changes: list[str]) -> list[str]:
     return [override for override in base if override.split("=", 1)[0] not in changed] + changes
 
 
-def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict, object]]:
-    """(rung, resolved config) for every rung, each with the changes of all rungs up to it."""
-    configs, changes, tokenizer = [], [], preset["tokenizer"]
+def seeded_configs(preset: dict, label: str, entry: dict, seeds: list[int] | None, extra: list[str]) -> list:
+    """The resolved configs of one rung or baseline: one per seed of `seeds`, or one at the config's seed."""
+    return [run_config(preset, label, entry, extra, seed) for seed in (seeds or [None])]
+
+
+def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict, list]]:
+    """(rung, [resolved config of each seed]) for every rung, each with the changes of all rungs up to it."""
+    configs, changes, tokenizer, trained = [], [], preset["tokenizer"], None
     for rung in preset["rungs"]:
         tokenizer = rung.get("tokenizer", tokenizer)
         changes = merge_overrides(changes, list(rung.get("changes", [])))
+        if rung.get("decode_only") and trained is not None and rung.get("seeds") != trained.get("seeds"):
+            raise ConfigError(f"the decode-only rung {rung['slug']} decodes the tokenizers of {trained['slug']}: "
+                              f"give both the same seeds")
+        trained = trained if rung.get("decode_only") else rung
         entry = {"slug": rung["slug"], "tokenizer": tokenizer,
                  "overrides": [*changes, f"decode.nfe={rung['nfe']}", "pipeline.steps=[tokenizer,reconstruct]"]}
-        configs.append((rung, run_config(preset, label, entry, extra)))
+        configs.append((rung, seeded_configs(preset, label, entry, rung.get("seeds"), extra)))
     return configs
 
 
-def selected_rungs(configs: list[tuple[dict, object]], only: list[str] | None, name: str) -> list[tuple[dict, object]]:
+def selected_rungs(configs: list[tuple[dict, list]], only: list[str] | None, name: str) -> list[tuple[dict, list]]:
     """The (rung, config) pairs `reproduce.only` names (all when null), each config still holding the changes of
     every rung above it; a decode-only rung brings along the trained rung whose tokenizer it decodes."""
     if only is None:
@@ -77,8 +91,8 @@ def selected_rungs(configs: list[tuple[dict, object]], only: list[str] | None, n
 
 
 def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
-    """Train (or, decode_only, reuse the tokenizer of `trained`, the last trained rung) and reconstruct: the
-    reconstruction metrics and the rung's pipeline folder."""
+    """Train (or, decode_only, reuse the tokenizer of `trained`, the last trained rung's run of the same seed) and
+    reconstruct: the reconstruction metrics and the run's pipeline folder."""
     pipeline = Pipeline(cfg)
     if not rung.get("decode_only"):
         return pipeline.run()["reconstruction"], pipeline
@@ -89,19 +103,27 @@ def measure(rung: dict, cfg, trained: Pipeline | None) -> tuple[dict, Pipeline]:
                                                                       grid=cfg.tokenizer.flow.grid)), pipeline
 
 
-def row_of(rung: dict, cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
+def run_of(cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
+    """One training seed's record: its reconstruction numbers (intervals over the images) and per-image file."""
     from stage1_tokenizer.reconstruct import per_image_path
 
-    return {"label": rung["label"], "slug": rung["slug"], "nfe": cfg.decode.nfe, "paper": rung.get("paper", {}),
-            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True),
-            **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "subset")},
+    return {"seed": cfg.seed, **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "subset")},
             "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe))}}
+
+
+def row_of(rung: dict, cfg, runs: list[dict]) -> dict:
+    """A rung's row: the first run's record, with rFID and PSNR the means over the runs when it has several."""
+    row = {"label": rung["label"], "slug": rung["slug"], "nfe": cfg.decode.nfe, "paper": rung.get("paper", {}),
+           "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), **runs[0], "runs": runs}
+    if len(runs) > 1:
+        row.update({key: float(np.mean([run[key] for run in runs])) for key in ("rfid", "psnr")})
+    return row
 
 
 def paired_change(after: dict, before: dict, resamples: int, seed: int) -> dict:
     """The change from `before` to `after` in rFID and PSNR, paired on the same images, and the verdict on the
     paper's direction (lower rFID)."""
-    measured = compare(after, before, ["rfid", "psnr"], resamples, seed)
+    measured = compare(after, before, ["rfid", "psnr"], resamples, seed)  # over the seeds both rows trained
     return {"from": before["slug"], "to": after["slug"], "rfid": measured["rfid"], "psnr": measured["psnr"],
             "verdict": verdict(measured["rfid"]["ci95"], "lower")}
 
@@ -125,41 +147,52 @@ def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], v
              f"invocation", "", f"Budget per rung: {meta['budget']}. Reconstruction: {subset['images']} of "
              f"{subset['of']} {subset['split']} images ({subset['selection']}), the same for every rung.", "",
              "Brackets are 95% intervals (rFID ± 1.96 bootstrap standard deviations over the images; PSNR Student "
-             "t). The change is paired on the same images against the rung above; its verdict is computed: "
-             "reproduced where its interval lies below zero (lower rFID, the paper's direction), contradicted where "
-             "above, inconclusive otherwise.", "",
+             "t). A rung trained with several seeds shows the mean over seeds and, in parentheses, each seed's "
+             "value. The change is paired on the same images against the rung above, seed by seed over the seeds "
+             "both trained (their number in parentheses where more than one; the interval then holds the "
+             "seed-to-seed spread, pipelines/claims.py); its verdict is computed: reproduced where its interval "
+             "lies below zero (lower rFID, the paper's direction), contradicted where above, inconclusive "
+             "otherwise.", "",
              "| rung | NFE (ours / paper) | rFID | PSNR | rFID change from the rung above | verdict | paper rFID |",
              "|---|---|---|---|---|---|---|"]
     for index, row in enumerate(rows):
         change = changes[index - 1] if index else None
         paper = row["paper"]
-        change_text = format_interval(change["rfid"]["estimate"], change["rfid"]["ci95"]) if change else "—"
-        lines.append(f"| {row['label']} | {row['nfe']} / {paper.get('nfe', '—')} | "
-                     f"{format_interval(row['rfid'], row['rfid_ci95'])} | "
-                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | {change_text} | "
+        lines.append(f"| {row['label']} | {row['nfe']} / {paper.get('nfe', '—')} | {cell(row, 'rfid')} | "
+                     f"{cell(row, 'psnr', '.2f')} | {change_cell(change, 'rfid') if change else '—'} | "
                      f"{change['verdict'] if change else '—'} | {paper.get('rfid', '—')} |")
     for row in baselines:
-        lines.append(f"| {row['label']} (baseline) | — | {format_interval(row['rfid'], row['rfid_ci95'])} | "
-                     f"{format_interval(row['psnr'], row['psnr_ci95'], '.2f')} | — | — | "
+        lines.append(f"| {row['label']} (baseline) | — | {cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | — | — | "
                      f"{row['paper'].get('rfid', '—')} |")
     lines += ["", f"The top of the ladder ({rows[-1]['label']}) against each baseline, paired on the same images; "
               "the verdict on the paper's claim that it reconstructs better (lower rFID):", "",
               "| baseline | rFID change | PSNR change | verdict |", "|---|---|---|---|"]
     labels = {row["slug"]: row["label"] for row in baselines}
     for change in versus:
-        lines.append(f"| {labels[change['from']]} | "
-                     f"{format_interval(change['rfid']['estimate'], change['rfid']['ci95'])} | "
-                     f"{format_interval(change['psnr']['estimate'], change['psnr']['ci95'], '.2f')} | "
-                     f"{change['verdict']} |")
+        lines.append(f"| {labels[change['from']]} | {change_cell(change, 'rfid')} | "
+                     f"{change_cell(change, 'psnr', '.2f')} | {change['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
+def change_cell(change: dict, metric: str, spec: str = ".1f") -> str:
+    """A paired change with its interval, and the number of seeds it pairs when more than one."""
+    measured = change[metric]
+    seeds = f" ({measured['seeds']} seeds)" if measured.get("seeds", 1) > 1 else ""
+    return format_interval(measured["estimate"], measured["ci95"], spec) + seeds
+
+
 def plot(rows: list[dict], baselines: list[dict], out: Path) -> None:
+    """rFID of every rung: each run with its interval over the images (seeds side by side), a line through the
+    rungs' means, and each baseline's mean as a dashed line."""
     figure, axis = plt.subplots(figsize=(7, 4))
     positions = range(len(rows))
-    rfids = [row["rfid"] for row in rows]
-    errors = [[row["rfid"] - row["rfid_ci95"][0] for row in rows], [row["rfid_ci95"][1] - row["rfid"] for row in rows]]
-    axis.errorbar(positions, rfids, yerr=errors, marker="o", capsize=3, label="ours")
+    axis.plot(positions, [row["rfid"] for row in rows], color="C0", label="ours (mean over seeds)")
+    for position, row in zip(positions, rows):
+        runs = row["runs"]
+        offsets = np.linspace(-0.15, 0.15, len(runs)) if len(runs) > 1 else [0.0]
+        for offset, run in zip(offsets, runs):
+            axis.errorbar(position + offset, run["rfid"], fmt="o", color="C0", capsize=3,
+                          yerr=[[run["rfid"] - run["rfid_ci95"][0]], [run["rfid_ci95"][1] - run["rfid"]]])
     for row in baselines:
         axis.axhline(row["rfid"], linestyle="--", color="gray", label=row["label"])
     axis.set_xticks(list(positions), [row["label"] for row in rows], rotation=30, ha="right", fontsize=8)
@@ -181,20 +214,26 @@ def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
     folder; returns what results.json holds."""
     out = results_folder(cfg, name, extra)
     began = time.perf_counter()
-    rows, trained, rung_cfg = [], None, None
-    for rung, rung_cfg in selected_rungs(rung_configs(preset, name, extra), cfg.reproduce.only, name):
-        print(f"== {rung['label']} ({rung_cfg.name}, NFE {rung_cfg.decode.nfe})", flush=True)
-        reconstruction, pipeline = measure(rung, rung_cfg, trained)
-        rows.append(row_of(rung, rung_cfg, reconstruction, pipeline))
+    rows, trained = [], {}  # trained: seed -> the pipeline of the last trained rung's run of that seed
+    for rung, configs in selected_rungs(rung_configs(preset, name, extra), cfg.reproduce.only, name):
+        runs, pipelines = [], {}
+        for rung_cfg in configs:
+            print(f"== {rung['label']} ({rung_cfg.name}, NFE {rung_cfg.decode.nfe})", flush=True)
+            reconstruction, pipelines[rung_cfg.seed] = measure(rung, rung_cfg, trained.get(rung_cfg.seed))
+            runs.append(run_of(rung_cfg, reconstruction, pipelines[rung_cfg.seed]))
+        rows.append(row_of(rung, rung_cfg, runs))
         if not rung.get("decode_only"):
-            trained = pipeline
+            trained = pipelines
     baselines = []
     for entry in preset.get("baselines", []):
-        base_cfg = run_config(preset, name, {**entry, "overrides": [*entry.get("overrides", []),
-                                                                     "pipeline.steps=[tokenizer,reconstruct]"]}, extra)
-        print(f"== {entry['label']} ({base_cfg.name})", flush=True)
-        pipeline = Pipeline(base_cfg)
-        baselines.append(row_of(entry, base_cfg, pipeline.run()["reconstruction"], pipeline))
+        runs = []
+        for base_cfg in seeded_configs(preset, name, {**entry, "overrides": [*entry.get("overrides", []),
+                                                                             "pipeline.steps=[tokenizer,reconstruct]"]},
+                                       entry.get("seeds"), extra):
+            print(f"== {entry['label']} ({base_cfg.name})", flush=True)
+            pipeline = Pipeline(base_cfg)
+            runs.append(run_of(base_cfg, pipeline.run()["reconstruction"], pipeline))
+        baselines.append(row_of(entry, base_cfg, runs))
     settings = rung_cfg.evaluate
     changes = steps_down(rows, settings.bootstrap, settings.subset_seed)
     versus = against_baselines(rows, baselines, settings.bootstrap, settings.subset_seed)

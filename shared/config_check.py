@@ -126,7 +126,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*.base_channels", COUNT),
     ("*.channel_mult.*", COUNT),
     ("*.num_res_blocks", NON_NEGATIVE_INT),
-    ("*.head_channels", COUNT),
+    ("*.head_channels", OPTIONAL_COUNT),    # null: one attention head over all channels (DDPM's UNet)
+    ("*.norm_groups", COUNT),
     ("*.dropout", FRACTION),
     ("*.class_dropout", FRACTION),
     ("*.depth", COUNT),

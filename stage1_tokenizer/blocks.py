@@ -12,9 +12,9 @@ from shared.errors import ConfigError
 from shared.nn import SelfAttention, zero_module
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (fewer for the narrow test networks), as in SD-VAE and ADM."""
-    groups = 32
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with 32 groups as in SD-VAE, ADM and DDPM (fewer where `channels` is not divisible: the narrow test
+    networks)."""
     while channels % groups:
         groups //= 2
     return nn.GroupNorm(groups, channels, eps=1e-6)
@@ -23,9 +23,9 @@ def group_norm(channels: int) -> nn.GroupNorm:
 class AdaGroupNorm(nn.Module):
     """AdaGN (Dhariwal & Nichol 2021): GroupNorm(h) · (1 + scale(e)) + shift(e), scale/shift from an embedding e."""
 
-    def __init__(self, channels: int, embedding_dim: int):
+    def __init__(self, channels: int, embedding_dim: int, groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.to_scale_shift = nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, 2 * channels))
 
     def forward(self, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
@@ -45,18 +45,24 @@ def resample(x: torch.Tensor, direction: str | None) -> torch.Tensor:
 class ResBlock(nn.Module):
     """norm → SiLU → conv3×3 → norm → SiLU → dropout → conv3×3, plus a (1×1-projected) skip.
 
-    With `embedding_dim`, the second norm is AdaGN on the timestep embedding (ADM's scale-shift norm) and the last
-    conv starts at zero so that every residual branch starts as the identity. With `resample` ("up" | "down") the
-    block also changes the resolution by 2 (ADM's `resblock_updown`), resampling both branches after the first norm.
+    With `embedding_dim`, the timestep embedding enters the residual branch and the last conv starts at zero so that
+    every residual branch starts as the identity: with `scale_shift_norm` (ADM) the second norm is AdaGN on the
+    embedding; without it (DDPM, Ho et al. 2020) a projection of the embedding is added to the first conv's output
+    as a per-channel bias. With `resample` ("up" | "down") the block also changes the resolution by 2 (ADM's
+    `resblock_updown`), resampling both branches after the first norm. `norm_groups`: the GroupNorms' groups.
     """
 
     def __init__(self, in_channels: int, out_channels: int, embedding_dim: int | None = None, dropout: float = 0.0,
-                 resample: str | None = None):
+                 resample: str | None = None, scale_shift_norm: bool = True, norm_groups: int = 32):
         super().__init__()
         self.resample = resample
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels) if embedding_dim is None else AdaGroupNorm(out_channels, embedding_dim)
+        self.scale_shift_norm = embedding_dim is not None and scale_shift_norm
+        self.norm2 = (AdaGroupNorm(out_channels, embedding_dim, norm_groups) if self.scale_shift_norm
+                      else group_norm(out_channels, norm_groups))
+        self.embedding_bias = (nn.Sequential(nn.SiLU(), nn.Linear(embedding_dim, out_channels))
+                               if embedding_dim is not None and not scale_shift_norm else None)
         self.dropout = nn.Dropout(dropout)
         conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv2 = conv2 if embedding_dim is None else zero_module(conv2)
@@ -65,18 +71,22 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(resample(F.silu(self.norm1(x)), self.resample))
         x = resample(x, self.resample)
-        h = self.norm2(h) if embedding is None else self.norm2(h, embedding)
+        if self.embedding_bias is not None:
+            h = h + rearrange(self.embedding_bias(embedding), "b c -> b c 1 1")
+        h = self.norm2(h, embedding) if self.scale_shift_norm else self.norm2(h)
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H·W pixels of a feature map, residual, output projection starting at zero."""
+    """Self-attention over the H·W pixels of a feature map, residual, output projection starting at zero; heads of
+    `head_channels` each (ADM), or one head over all channels when it is None (DDPM)."""
 
-    def __init__(self, channels: int, head_channels: int = 64):
+    def __init__(self, channels: int, head_channels: int | None = 64, norm_groups: int = 32):
         super().__init__()
-        self.norm = group_norm(channels)
-        self.attention = SelfAttention(channels, num_heads=max(1, channels // head_channels))
+        self.norm = group_norm(channels, norm_groups)
+        heads = 1 if head_channels is None else max(1, channels // head_channels)
+        self.attention = SelfAttention(channels, num_heads=heads)
         zero_module(self.attention.proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,11 +133,12 @@ class MiddleBlock(nn.Module):
     """ResBlock → self-attention → ResBlock at the lowest resolution (encoder, decoders, UNet)."""
 
     def __init__(self, channels: int, embedding_dim: int | None = None, dropout: float = 0.0,
-                 head_channels: int = 64):
+                 head_channels: int | None = 64, scale_shift_norm: bool = True, norm_groups: int = 32):
         super().__init__()
-        self.res1 = ResBlock(channels, channels, embedding_dim, dropout)
-        self.attention = AttentionBlock(channels, head_channels)
-        self.res2 = ResBlock(channels, channels, embedding_dim, dropout)
+        options = {"scale_shift_norm": scale_shift_norm, "norm_groups": norm_groups}
+        self.res1 = ResBlock(channels, channels, embedding_dim, dropout, **options)
+        self.attention = AttentionBlock(channels, head_channels, norm_groups)
+        self.res2 = ResBlock(channels, channels, embedding_dim, dropout, **options)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         return self.res2(self.attention(self.res1(x, embedding)), embedding)

@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from pipelines.describe import describe_ldm
 from shared.errors import ConfigError, DataError
 from shared.flow import velocity_target
+from stage1_tokenizer.blocks import AdaGroupNorm, AttentionBlock, Downsample, ResBlock, Upsample
 from stage1_tokenizer.discriminator import PatchDiscriminator, TimeConditionedPatchDiscriminator, build_discriminator
 from stage1_tokenizer.dit_decoder import DiTDecoder
 from stage1_tokenizer.encoder import DiagonalGaussian, Encoder
@@ -137,10 +138,14 @@ def test_the_ablations_ddpm_decoder_trains_on_epsilon_and_samples_ancestrally():
         build_tokenizer({**config, "flow": {**config["flow"], "gamma": 0.6}})
 
 
-def test_latent_conditions_the_unet():
+DDPM_UNET = {"scale_shift_norm": False, "resblock_updown": False, "head_channels": None, "norm_groups": 4}
+
+
+@pytest.mark.parametrize("options", [{"head_channels": 8}, DDPM_UNET], ids=["adm", "ddpm"])
+def test_latent_conditions_the_unet(options):
     torch.manual_seed(0)
     unet = ADMUNet(condition_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                   attention_levels=(2,), head_channels=8)
+                   attention_levels=(2,), **options)
     for parameter in unet.parameters():  # leave the zero initialisation so that every path contributes
         torch.nn.init.normal_(parameter, std=0.05)
     x_t, t = torch.randn(2, 3, 16, 16), torch.rand(2)
@@ -149,6 +154,41 @@ def test_latent_conditions_the_unet():
     assert out.shape == x_t.shape
     assert not torch.allclose(out, unet(x_t, t, torch.randn(2, 2, 4, 4)))
     assert not torch.allclose(out, unet(x_t, 1 - t, z))
+
+
+def test_the_ddpm_unet_is_ho_et_als_network():
+    """DDPM's options build its blocks: the embedding a per-channel bias after the first conv (no AdaGN), strided
+    conv down and nearest + conv up (no resampling ResBlocks), one attention head over all channels."""
+    torch.manual_seed(0)
+    unet = ADMUNet(condition_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                   attention_levels=(2,), **DDPM_UNET)
+    modules = list(unet.modules())
+    assert not any(isinstance(module, AdaGroupNorm) for module in modules)
+    assert [type(module) for module in modules if isinstance(module, (Downsample, Upsample))] == [Downsample, Upsample]
+    assert not any(isinstance(module, ResBlock) and module.resample for module in modules)
+    assert {module.attention.num_heads for module in modules if isinstance(module, AttentionBlock)} == {1}
+    assert {module.num_groups for module in modules if isinstance(module, torch.nn.GroupNorm)} == {4}
+    adm = ADMUNet(condition_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                  attention_levels=(2,), head_channels=8)
+    assert any(isinstance(module, AdaGroupNorm) for module in adm.modules())
+    # groups of one channel normalise the per-channel timestep bias away: such a network cannot see t
+    blind = ADMUNet(condition_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                    **{**DDPM_UNET, "norm_groups": 32})
+    for network in (unet, blind):
+        for parameter in network.parameters():
+            torch.nn.init.normal_(parameter, std=0.05)
+    x_t, t, z = torch.randn(2, 3, 8, 8), torch.rand(2), torch.randn(2, 2, 4, 4)
+    torch.testing.assert_close(blind(x_t, t, z), blind(x_t, 1 - t, z))
+    assert not torch.allclose(unet(x_t, t, z), unet(x_t, 1 - t, z))
+
+    block = ResBlock(8, 16, embedding_dim=12, scale_shift_norm=False)
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.1)
+    x, embedding = torch.randn(2, 8, 6, 6), torch.randn(2, 12)
+    h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+    h = h + block.embedding_bias[1](torch.nn.functional.silu(embedding))[:, :, None, None]  # Ho et al.'s temb_proj
+    expected = block.skip(x) + block.conv2(torch.nn.functional.silu(block.norm2(h)))
+    torch.testing.assert_close(block(x, embedding), expected)
 
 
 def test_dit_decoder_shapes_and_resolutions():
