@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pipelines.claims import PAPER_DIRECTION  # noqa: E402
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
-from pipelines.reproduce import chosen_preset, machine, results_folder, run_config, selected_rows  # noqa: E402
+from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import format_interval, log_step_trend, normal_interval, verdict  # noqa: E402
@@ -187,7 +187,7 @@ def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:
     plt.close(figure)
 
     figure, axes = plt.subplots(1, len(comparison), figsize=(5 * len(comparison), 3.6))
-    for axis, (metric, compared) in zip(np.atleast_1d(axes), comparison.items()):
+    for axis, (metric, compared) in zip(axes, comparison.items()):
         budgets = compared["by_budget"]
         steps = np.array([b["steps"] for b in budgets], dtype=float)
         estimates = np.array([b["estimate"] for b in budgets])
@@ -204,16 +204,14 @@ def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("training steps (dashed: the line extrapolated)")
         axis.set_title(f"{metric}: {meta['ours']} − {meta['baseline']}", fontsize=9)
-    np.atleast_1d(axes)[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "budget_difference.png", dpi=120)
     plt.close(figure)
 
 
 def main(cfg: DictConfig) -> dict:
-    name, preset, extra = chosen_preset(cfg, "budget_steps")
-    preset = selected_rows(preset, "tokenizers", name)
-    out = results_folder(cfg, name, extra)
+    name, preset, extra, out = open_preset(cfg, "budget_steps")
     began = time.perf_counter()
     budgets = sorted(preset["budget_steps"])
     configs = {entry["slug"]: budget_run_config(preset, name, entry, extra) for entry in preset["tokenizers"]}

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
-from pipelines.reproduce import chosen_preset, machine, results_folder, run_config, selected_rows  # noqa: E402
+from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.metrics.intervals import format_interval  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
 
@@ -151,9 +151,7 @@ def plot(rows: list[dict], out: Path) -> None:
 
 
 def main(cfg: DictConfig) -> dict:
-    name, preset, extra = chosen_preset(cfg, "decode_grid")
-    preset = selected_rows(preset, "tokenizers", name)
-    out = results_folder(cfg, name, extra)
+    name, preset, extra, out = open_preset(cfg, "decode_grid")
     began = time.perf_counter()
     rows, row_cfg = [], None
     for entry in preset["tokenizers"]:

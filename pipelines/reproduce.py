@@ -106,6 +106,13 @@ def selected_rows(preset: dict, rows_key: str, name: str) -> dict:
     return {**preset, rows_key: [entry for entry in preset[rows_key] if entry["slug"] in only]}
 
 
+def open_preset(cfg: DictConfig, marker_key: str) -> tuple[str, dict, list[str], Path]:
+    """(name, content with the rows `reproduce.only` names, overrides for every run, results folder) of the preset
+    of a stage whose rows are `tokenizers` and whose presets hold `marker_key`."""
+    name, preset, extra = chosen_preset(cfg, marker_key)
+    return name, selected_rows(preset, "tokenizers", name), extra, results_folder(cfg, name, extra)
+
+
 def check_only(only: list[str], known: list[str], name: str) -> None:
     if not only or set(only) - set(known):
         raise ConfigError(f"reproduce.only={list(only)}: name one or more of the rows of the preset {name}: {known}")
