@@ -9,6 +9,9 @@ resumes (training steps also resume inside themselves from their checkpoints).
 The folder keeps the config it was made with: rerunning it with a different config is refused, since skipping a
 finished step would then report results of settings the command no longer asks for.
 The report (report.md, report.json) states the settings behind every number.
+`pipeline.tokenizer_run=NAME` takes the tokenizer that another pipeline run trained, with its settings, instead of
+training one: `stage=pipeline name=long_dit pipeline.tokenizer_run=RUN ldm.train.steps=20000` trains, samples and
+evaluates a longer DiT on RUN's tokenizer.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.errors import ConfigError
 from shared.metrics.intervals import format_interval
@@ -30,16 +33,36 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def tokenizer_source(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """(folder, cfg with that run's tokenizer settings) of the pipeline run `pipeline.tokenizer_run` names (a name
+    under ${output_root}/pipeline, or a folder), whose tokenizer step must have finished."""
+    given = Path(str(cfg.pipeline.tokenizer_run))
+    folder = given if (given / "pipeline_config.yaml").is_file() else Path(cfg.output_root) / "pipeline" / given
+    record = folder / "pipeline_config.yaml"
+    if not record.is_file() or finished_result(folder / "tokenizer") is None:
+        raise ConfigError(f"pipeline.tokenizer_run={given}: {folder} holds no finished tokenizer step of a pipeline "
+                          f"run; name a run (under {Path(cfg.output_root) / 'pipeline'}) or its folder")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.tokenizer = OmegaConf.load(record).tokenizer
+    return folder, cfg
+
+
 class Pipeline:
     """The steps of the main job, each a stage run in its own folder with the inputs of the steps before it."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
         self.root = Path(cfg.output_root) / "pipeline" / str(cfg.name)
         unknown = set(cfg.pipeline.steps) - set(STEPS)
         if unknown:
             raise ConfigError(f"pipeline.steps has unknown steps {sorted(unknown)}; choose from {list(STEPS)}")
-        self.steps = [step for step in STEPS if step in cfg.pipeline.steps]
+        self.tokenizer_root = self.root
+        if cfg.pipeline.get("tokenizer_run"):
+            self.tokenizer_root, cfg = tokenizer_source(cfg)
+        self.cfg = cfg
+        # a tokenizer taken from another run is not trained here
+        self.steps = [step for step in STEPS if step in cfg.pipeline.steps
+                      and not (step == "tokenizer" and self.tokenizer_root != self.root)]
         self.seconds: dict[str, float] = _read_json(self.root / "seconds.json") or {}
 
     def check_config(self) -> None:
@@ -56,7 +79,7 @@ class Pipeline:
         OmegaConf.save(OmegaConf.create(wanted), path)
 
     def folder(self, step: str) -> Path:
-        return self.root / step
+        return (self.tokenizer_root if step == "tokenizer" else self.root) / step
 
     def result(self, step: str) -> dict:
         """What a finished step returned, read from its folder; the steps after it take their inputs from it."""

@@ -53,7 +53,7 @@ LOGGERS = ("wandb", "tensorboard", "none")
 # pipeline folders made before they existed still match. `pipeline.steps` chooses which steps run, not what any of
 # them computes; the data order does not depend on the loader's workers.
 NON_SEMANTIC_KEYS = ("name", "progress", "logger", "wandb", "output_root", "channels_last", "import", "export",
-                     "paper_speed", "reproduce", "pipeline", "resume_changed", "data.num_workers",
+                     "paper_speed", "reproduce", "pipeline.steps", "resume_changed", "data.num_workers",
                      "tokenizer.train.grad_accum", "ldm.train.grad_accum", "tokenizer.train.activation_checkpointing",
                      "ldm.train.activation_checkpointing", "tokenizer.train.keep_steps", "ldm.train.keep_steps")
 

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from shared.runtime import finished_result
+from shared.train.checkpoint import load_weights
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -76,3 +77,28 @@ def test_a_key_added_to_the_configs_after_a_folder_was_made_is_no_difference(tmp
     assert again.returncode == 0, again.stderr
     changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "reconstruct.num_images=31", check=False)
     assert changed.returncode != 0 and "reconstruct.num_images: 32 -> 31" in changed.stderr
+
+
+def test_a_run_can_take_the_tokenizer_another_run_trained(tmp_path):
+    missing = run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=smoke", check=False)
+    assert missing.returncode != 0 and "pipeline.tokenizer_run=smoke" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[tokenizer]")
+    source = tmp_path / "pipeline" / "smoke"
+    # a longer DiT on that tokenizer: the command's own tokenizer settings give way to the run's
+    run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=smoke",
+            "pipeline.steps=[tokenizer,reconstruct,cache,ldm]", "tokenizer.train.steps=7", "ldm.train.steps=30")
+    root = tmp_path / "pipeline" / "dit"
+    assert not (root / "tokenizer").exists()  # nothing was trained again
+    checkpoint = finished_result(source / "tokenizer")["checkpoint"]
+    assert finished_result(root / "reconstruct")["checkpoint"] == checkpoint
+    dit = load_weights(finished_result(root / "ldm")["checkpoint"], mmap=True)
+    assert dit["config"]["tokenizer_checkpoint"] == checkpoint
+    report = json.loads((root / "report.json").read_text())
+    assert report["tokenizer"]["train_steps"] == 20 and report["ldm"]["train_steps"] == 30
+    assert "tokenizer_run: smoke" in (root / "pipeline_config.yaml").read_text()
+    # another source is another run: the folder refuses it
+    run_cli(*SHORT, f"output_root={tmp_path}", "name=other", "pipeline.steps=[tokenizer]", "seed=1")
+    changed = run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=other",
+                      "pipeline.steps=[reconstruct]", check=False)
+    assert changed.returncode != 0 and "different config" in changed.stderr
