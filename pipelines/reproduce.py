@@ -382,15 +382,18 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
                   "baseline; throughput: the ratio) excludes no change in the paper's direction, contradicted where it "
                   "excludes it the other way, inconclusive otherwise. With several seeds the interval is over the "
                   "per-seed paired differences and the images (pipelines/claims.py); with one seed it is over the "
-                  "images alone and ignores training-seed variance.", "",
+                  "images alone and ignores training-seed variance. A claim of equal quality names a margin, fixed "
+                  "in its preset: the largest change in the worse direction that counts as the same; it is "
+                  "reproduced where the interval excludes a worse change than that.", "",
                   "| claim | ours vs baseline | quantity | seeds | change [95% interval] | per-seed changes | paper | "
                   "verdict |", "|---|---|---|---|---|---|---|---|"]
         for item in claim:
             unit = "×" if item["metric"] == "throughput" else ""
             digits = 3 if item["metric"] in ("lpips", "throughput") else 2
             per_seed = " / ".join(f"{value:.{digits}f}" for value in item.get("per_seed") or []) or "—"
+            margin = "" if item.get("margin") is None else f"; margin {item['margin']:g}"
             lines.append(f"| {item['claim'].replace('_', ' ')} | {item['ours']} vs {item['baseline']} | "
-                         f"{item['metric']} ({item['paper_direction']} is better) | {item.get('seeds', 1)} | "
+                         f"{item['metric']} ({item['paper_direction']} is better{margin}) | {item.get('seeds', 1)} | "
                          f"{format_interval(item['estimate'], item['ci95'], f'.{digits}f')}{unit} | {per_seed} | "
                          f"{item['paper']} | **{item['verdict']}** |")
     return "\n".join(lines) + "\n"

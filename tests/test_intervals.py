@@ -1,4 +1,6 @@
 """Interval maths on constructed inputs with known answers, and the verdict rule."""
+import math
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -7,7 +9,7 @@ from shared.metrics.fid import feature_statistics, frechet_distance
 from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
 from shared.metrics.intervals import (log_step_trend, mean_interval, normal_interval, paired_image_differences,
                                       replicate_evaluation_variance, seeded_difference,
-                                      seeded_difference_of_differences, verdict)
+                                      seeded_difference_of_differences, steps_to_match, steps_to_reach, verdict)
 
 
 def test_mean_interval_of_a_textbook_sample():
@@ -254,3 +256,32 @@ def test_a_trend_needs_two_budgets_and_replicates_of_each():
         log_step_trend([600], [1.0], np.zeros((5, 1)))
     with pytest.raises(ValueError, match="replicates"):
         log_step_trend(BUDGETS, np.zeros(5), np.zeros((5, 4)))
+
+
+def test_steps_to_reach_interpolates_in_log_steps():
+    steps, values = [300, 600, 1200, 2400], [100.0, 80.0, 60.0, 40.0]
+    assert 2 ** steps_to_reach(steps, values, 70.0) == pytest.approx(600 * 2 ** 0.5)  # half way, in log2 steps
+    assert 2 ** steps_to_reach(steps, values, 60.0) == pytest.approx(1200)
+    assert 2 ** steps_to_reach(steps, values, 150.0) == pytest.approx(300)  # reached at the first budget already
+    assert steps_to_reach(steps, values, 30.0) == math.inf
+
+
+def test_steps_to_match_finds_the_faster_run_and_says_when_one_never_gets_there():
+    steps = np.array([300, 600, 1200, 2400])
+    doublings = np.log2(steps / 300)
+    baseline = 200 - 30 * doublings  # 200, 170, 140, 110
+    faster = 170 - 30 * doublings  # one doubling ahead: the baseline's 110 at 1,200 steps
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0, 2, size=(400, 1))  # resample noise common to every budget and both runs
+    baseline_reps = baseline + shared + rng.normal(0, 2, size=(400, 4))
+    faster_reps = faster + shared + rng.normal(0, 2, size=(400, 4))
+    found = steps_to_match(steps, faster, baseline, faster_reps, baseline_reps)
+    assert found["level"] == 110 and found["steps"] == pytest.approx(1200) and found["ratio"] == pytest.approx(0.5)
+    assert found["ratio_ci95"][0] < 0.5 < found["ratio_ci95"][1] < 1 and found["reached"] == 1.0
+    assert verdict([bound - 1 for bound in found["ratio_ci95"]], "lower") == "reproduced"
+    slower = baseline + 40  # never reaches the baseline's last value
+    never = steps_to_match(steps, slower, baseline, slower + shared + rng.normal(0, 2, size=(400, 4)), baseline_reps)
+    assert never["steps"] is None and never["ratio"] == math.inf and never["reached"] == 0.0
+    assert verdict([bound - 1 for bound in never["ratio_ci95"]], "lower") == "contradicted"
+    ahead = steps_to_match(steps, baseline - 200, baseline, baseline_reps - 200, baseline_reps)
+    assert ahead["at_first_budget"] and ahead["ratio"] == pytest.approx(300 / 2400)

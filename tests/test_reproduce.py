@@ -158,6 +158,30 @@ def test_the_compression_trend_and_resolution_claims(tmp_path):
     assert found[("resolution", "psnr")]["paper"].startswith("not reported")
 
 
+def test_an_equal_quality_claim_is_judged_against_its_margin(tmp_path):
+    """DGAE's "the same quality with half the channels": PSNR lower by 0.3 dB in every seed is the same quality
+    within a 0.5 dB margin, not within 0.1 dB; better by 1 dB is the same quality too; worse by 2 dB is not."""
+    save_statistics(tmp_path / "reference.npz", np.zeros(8), np.eye(8))
+    rows = {"full": seeded_row(tmp_path, "full", [0.0, 0.0, 0.0]),
+            "close": seeded_row(tmp_path, "close", [-0.3, -0.28, -0.32]),
+            "better": seeded_row(tmp_path, "better", [1.0, 1.02, 0.98]),
+            "worse": seeded_row(tmp_path, "worse", [-2.0, -2.02, -1.98])}
+
+    def psnr_verdict(ours, margin):
+        spec = {"same": {"claim": "half_channels", "baseline": "full", "ours": ours, "margin": {"psnr": margin}}}
+        found = {c["metric"]: c for c in claims_lib.claims(rows, spec, resamples=20)}
+        assert found["psnr"]["margin"] == margin and found["psnr"]["claim"] == "same"
+        assert found["rfid"]["margin"] is None  # no margin given: the plain rule
+        return found["psnr"]["verdict"]
+
+    assert psnr_verdict("close", 0.5) == "reproduced"
+    assert psnr_verdict("close", 0.1) == "contradicted"
+    assert psnr_verdict("better", 0.5) == "reproduced"
+    assert psnr_verdict("worse", 0.5) == "contradicted"
+    with pytest.raises(ConfigError, match="no claim of the kind 'same'"):
+        claims_lib.claims(rows, {"same": {"baseline": "full", "ours": "close"}})
+
+
 def test_claims_refuse_rows_measured_on_different_images_or_references(rows, tmp_path):
     moved = dict(np.load(rows["eps8"]["files"]["per_image"]))
     moved["index"] = moved["index"] + 1

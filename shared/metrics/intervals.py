@@ -41,6 +41,10 @@ seed parts of the two groups add up (a group of one seed takes the other's seed 
 moves per doubling of the steps (a least-squares line on log2 steps), and where that line would reach zero. Every
 budget is measured on the same images, so its spread comes from image resamples drawn once for all budgets (the
 replicates), which keeps the budgets' correlation; it holds no training-seed variance (one run per arm).
+
+`steps_to_match(steps, ours, baseline, ...)`: how many of the baseline's training steps ours needs to reach the
+baseline's value at its last budget (a lower-is-better metric such as gFID, measured after each of `steps`): the
+convergence-speed comparison, with an interval from sample resamples drawn once for every budget of both runs.
 """
 from __future__ import annotations
 
@@ -261,3 +265,55 @@ def log_step_trend(steps, estimates, replicates, confidence: float = CONFIDENCE)
             "crossing_steps": None if math.isinf(ahead) else float(2 ** ahead), "crossing_ci95": bounds,
             "replicates": len(replicates)}
 
+
+
+def steps_to_reach(steps, values, level: float) -> float:
+    """log2 of the training steps at which `values` (K,), a lower-is-better metric measured after `steps` (K,), first
+    reaches `level`, linear in log2 steps between budgets: log2(steps[0]) where the first budget has reached it
+    already (so at most that many steps), inf where no budget has."""
+    x = np.log2(np.asarray(steps, dtype=np.float64))
+    values = np.asarray(values, dtype=np.float64)
+    reached = np.flatnonzero(values <= level)
+    if len(reached) == 0:
+        return math.inf
+    k = int(reached[0])
+    if k == 0:
+        return float(x[0])
+    before, after = values[k - 1], values[k]  # before > level >= after
+    return float(x[k - 1] + (before - level) / (before - after) * (x[k] - x[k - 1]))
+
+
+def steps_to_match(steps, ours, baseline, ours_replicates, baseline_replicates,
+                   confidence: float = CONFIDENCE) -> dict:
+    """The fraction of the baseline's training that ours needs to reach the baseline's value at its last budget.
+
+    ours, baseline (K,): a lower-is-better metric (gFID) of each run after `steps` (K,) training steps;
+    *_replicates (R, K): the same on R resamples, resample r drawn once for every budget of both runs (their
+    checkpoints sample the same labels and noise, so the resamples pair up). In resample r the level is the
+    baseline's value at its last budget in that resample, and ours' steps to reach it are `steps_to_reach`.
+
+    Returns {"level", "steps" (ours' steps to the level; None where no budget reaches it), "ratio" (those steps /
+    the last budget: below 1 ours converges faster), "ratio_ci95" (order statistics of the resamples' ratios; an
+    upper bound of inf where more than the tail of resamples never reaches the level: the data do not exclude
+    "never"), "reached" (the fraction of resamples in which ours reaches the level), "at_first_budget" (ours had
+    reached it at the first budget already: the ratio is then an upper bound), "replicates"}.
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    ours_replicates = np.asarray(ours_replicates, dtype=np.float64)
+    baseline_replicates = np.asarray(baseline_replicates, dtype=np.float64)
+    if ours_replicates.shape != baseline_replicates.shape or ours_replicates.shape[1:] != steps.shape:
+        raise ValueError(f"replicates of both runs must have the shape (resamples, {len(steps)}), got "
+                         f"{ours_replicates.shape} and {baseline_replicates.shape}")
+    last = math.log2(steps[-1])
+    level = float(baseline[-1])
+    ahead = steps_to_reach(steps, ours, level)
+    log_ratios = np.sort([steps_to_reach(steps, o, b[-1]) - last
+                          for o, b in zip(ours_replicates, baseline_replicates)])
+    tail = (1 - confidence) / 2
+    # Order statistics, not interpolated between them: between a finite ratio and an infinite one there is none.
+    bounds = [float(2 ** np.quantile(log_ratios, tail, method="lower")),
+              float(2 ** np.quantile(log_ratios, 1 - tail, method="higher"))]
+    return {"level": level, "steps": None if math.isinf(ahead) else float(2 ** ahead),
+            "ratio": float(2 ** (ahead - last)), "ratio_ci95": bounds,
+            "reached": float(np.isfinite(log_ratios).mean()), "at_first_budget": bool(ours[0] <= level),
+            "replicates": len(log_ratios)}
