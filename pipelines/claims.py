@@ -211,6 +211,8 @@ def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 
     difference and the verdict of shared.metrics.intervals.verdict: never written by hand."""
     result = []
     for name, roles in spec.items():
+        if roles is None:  # a preset that extends another drops an inherited claim by setting it to null
+            continue
         kind = roles.get("claim", name)
         if kind not in PAPER:
             raise ConfigError(f"claims.{name}: no claim of the kind {kind!r}; the kinds are {sorted(PAPER)}")

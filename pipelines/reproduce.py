@@ -70,10 +70,13 @@ def as_overrides(settings: Mapping) -> list[str]:
 def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str], seed: int | None = None) -> DictConfig:
     """The stage=pipeline config of one row of a preset: its experiment, the common settings, the row's own
     overrides, then `extra` (the command line's). A row trained with several seeds has a run per `seed`, named
-    with an `_s<seed>` suffix."""
+    with an `_s<seed>` suffix. A row whose tokenizers another preset's runs trained names them, `tokenizer_run`
+    with `{seed}` for the seed (pipeline.tokenizer_run): they are not trained again."""
     name = f"reproduce_{preset_name}_{entry['slug']}" + ("" if seed is None else f"_s{seed}")
+    source = entry.get("tokenizer_run")
     overrides = ["stage=pipeline", f"experiment={preset['experiment']}", f"tokenizer={entry['tokenizer']}",
                  f"name={name}", *as_overrides(preset.get("common", {})), *entry["overrides"],
+                 *([] if source is None else [f"pipeline.tokenizer_run={source.format(seed=seed)}"]),
                  *([] if seed is None else [f"seed={seed}"]), *extra]
     return compose_config(overrides)
 
@@ -458,6 +461,7 @@ def train_and_measure(cfg, preset: dict) -> tuple[dict, Pipeline]:
     """Run (or resume) one run of a row, the main job and the preset's sweeps: (its record, its pipeline).
     `pipeline.steps=[tokenizer,reconstruct]` measures the reconstruction claims alone (no DiT, no guidance sweep)."""
     pipeline = Pipeline(cfg)
+    cfg = pipeline.cfg  # with the tokenizer settings of the run that trained it, for a row given `tokenizer_run`
     report = pipeline.run()
     sweep = nfe_sweep(cfg, pipeline, preset.get("nfe_sweep", [cfg.decode.nfe]))
     resolutions = resolution_sweep(cfg, pipeline, preset.get("resolution_sweep", []))
@@ -482,6 +486,7 @@ def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dic
                 continue
             print(f"== {entry['label']}: {compression(run_cfg)} ({run_cfg.name})", flush=True)
             record, pipeline = train_and_measure(run_cfg, preset)
+            run_cfg = pipeline.cfg
             runs.append(record)
             if len(runs) == 1:  # the grids of a row are its first run's
                 for source, target in ((pipeline.folder("sample") / "grid.png", f"samples_{entry['slug']}.png"),

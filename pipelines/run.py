@@ -40,6 +40,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "pilot": ("pipelines.pilot:main", "short trainings and a decode sweep that fix a recipe: reproduce=fair32_pilot"),
     "budget": ("pipelines.budget:main", "the ε-VAE − VAE gap after each training budget, and its trend: "
                                         "reproduce=budget32"),
+    "convergence": ("pipelines.convergence:main", "gFID of a DiT on each tokenizer's latents after each kept "
+                                                  "checkpoint; steps to a common gFID: reproduce=dgae32"),
     "bench": ("pipelines.bench:main", "side-by-side speed benchmarks against diffusers / torch-fidelity"),
     "import": ("pipelines.interop:import_weights", "weights of diffusers or facebookresearch/DiT -> a checkpoint"),
     "export": ("pipelines.interop:export_weights", "a checkpoint -> diffusers folder, DiT .pt or safetensors folder"),
@@ -54,7 +56,8 @@ def stages_help() -> str:
         + "\n".join(lines)
         + "\nPresets: experiment=smoke (embedded data, minutes on a CPU), experiment=imagenette_mini, "
         "experiment=imagenet256_*; reproduce=fair32|small32|paper for stage=reproduce, reproduce=ladder32 for "
-        "stage=ablation, reproduce=fair32_pilot for stage=pilot, reproduce=budget32 for stage=budget. See README.md."
+        "stage=ablation, reproduce=fair32_pilot for stage=pilot, reproduce=budget32 for stage=budget, "
+        "reproduce=dgae32 for stage=reproduce and stage=convergence. See README.md."
     )
 
 

@@ -1,0 +1,218 @@
+"""stage=convergence: how fast does a DiT learn each tokenizer's latents? (DGAE's claim of faster convergence)
+
+    python pipelines/run.py stage=convergence reproduce=dgae32
+
+Every row of the preset (`tokenizers`, as in stage=reproduce; its first training seed) is the run stage=reproduce of
+the same preset makes: it trains its tokenizer (or takes another run's, the row's `tokenizer_run`), caches its
+latents and trains the DiT, here keeping the DiT checkpoint after each of `ldm.train.keep_steps` (the preset's
+common settings; the last of them is ldm.train.steps). Each kept checkpoint is sampled and evaluated as the
+pipeline's sample and evaluate steps do, in the step folders dit_<steps>_sample and dit_<steps>_evaluate of the
+row's pipeline folder: gFID with its bootstrap interval; and the DiT's training loss near it, the mean of the losses
+logged after the first half of the steps up to it.
+
+Each of the preset's `convergence` comparisons ({baseline, ours}) asks how much of the baseline's training the DiT
+on ours' latents needs to reach the gFID the baseline's DiT has at its last checkpoint (shared.metrics.intervals:
+steps_to_match, gFID linear in log2 steps between checkpoints). Every checkpoint of both rows samples the same
+labels and noise, so one set of bootstrap resamples of the samples serves every checkpoint of both: the interval
+of the ratio keeps their correlation. The verdict is the usual rule in DGAE's direction (a ratio below 1). One DiT
+per row: the interval holds no training-seed variance. The real-data floor says how low a gFID can go at the
+sample count.
+
+`reproduce.train=false` trains nothing and measures the checkpoints every row has. Writes results/<PRESET>/ (or
+reproduce.out): convergence.md, convergence.json and convergence.png, beside stage=reproduce's table of the preset.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pipelines.configs import command_line  # noqa: E402
+from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.reproduce import compression, machine, open_preset, real_data_floor, run_config  # noqa: E402
+from shared.errors import ConfigError  # noqa: E402
+from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
+from shared.metrics.intervals import format_interval, steps_to_match, verdict  # noqa: E402
+from shared.train.checkpoint import CheckpointDir  # noqa: E402
+
+
+def dit_budgets(cfg: DictConfig) -> list[int]:
+    """The DiT checkpoints to measure: ldm.train.keep_steps, whose last must be the DiT's training length."""
+    budgets = sorted(int(steps) for steps in cfg.ldm.train.keep_steps)
+    if len(budgets) < 2 or budgets[-1] != cfg.ldm.train.steps:
+        raise ConfigError(f"stage=convergence measures the DiT checkpoints of ldm.train.keep_steps={budgets}: give "
+                          f"the preset at least two, the last equal to ldm.train.steps={cfg.ldm.train.steps}")
+    return budgets
+
+
+def dit_checkpoint(pipeline: Pipeline, steps: int) -> Path:
+    return CheckpointDir(pipeline.folder("ldm") / "checkpoints").path(steps)
+
+
+def training_loss(pipeline: Pipeline, steps: int) -> float | None:
+    """The mean DiT training loss logged in (steps / 2, steps]."""
+    log = pipeline.folder("ldm") / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    losses = [row["loss"] for row in rows if "loss" in row and steps / 2 < row["step"] <= steps]
+    return float(np.mean(losses)) if losses else None
+
+
+def measure(pipeline: Pipeline, steps: int) -> dict:
+    """Sample and evaluate the DiT checkpoint after `steps` steps, each in its own step folder."""
+    from shared.metrics.evaluate import evaluate_to_folder
+    from stage2_ldm.sample import sample_to_folder
+
+    cfg, checkpoint = pipeline.cfg, dit_checkpoint(pipeline, steps)
+    tokenizer = pipeline.result("tokenizer")["checkpoint"]
+    samples = pipeline.run_step(f"dit_{steps}_sample",
+                                lambda folder: sample_to_folder(cfg, checkpoint, tokenizer, out_dir=folder))
+    evaluation = pipeline.run_step(f"dit_{steps}_evaluate",
+                                   lambda folder: evaluate_to_folder(cfg, samples["samples"], run_dir=folder))
+    return {"steps": steps, "gfid": evaluation["fid"], "gfid_ci95": evaluation["fid_ci95"],
+            "loss": training_loss(pipeline, steps), "samples": samples["num_samples"],
+            "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
+
+
+def gfid_replicates(row: dict, counts: np.ndarray) -> np.ndarray:
+    """(R, K) gFIDs of the row's K checkpoints on the R resamples `counts` (R, n) of their samples."""
+    with np.load(row["measurements"][0]["reference"]) as reference:
+        statistics = (reference["mu"], reference["sigma"])
+    weights = torch.as_tensor(counts, dtype=torch.float64)
+    columns = []
+    for measured in row["measurements"]:
+        fids = FrechetBootstrap(np.load(measured["sample_features"]), reference=statistics)
+        columns.append([fids.fid(w) for w in weights])
+    return np.array(columns).T
+
+
+def compare(ours: dict, base: dict, resamples: int, seed: int) -> dict:
+    """steps_to_match of ours against the baseline, with the verdict on DGAE's direction (a ratio below 1)."""
+    steps = [measured["steps"] for measured in base["measurements"]]
+    sizes = {measured["samples"] for row in (ours, base) for measured in row["measurements"]}
+    references = {measured["reference"] for row in (ours, base) for measured in row["measurements"]}
+    if len(sizes) != 1 or len(references) != 1:
+        raise ConfigError(f"{ours['label']} and {base['label']} were sampled with different sample counts or "
+                          f"evaluated against different references: give both the same sample and evaluate settings")
+    (size,) = sizes
+    generator = np.random.default_rng(seed)
+    counts = np.stack([generator.multinomial(size, np.full(size, 1 / size)) for _ in range(resamples)])
+    estimate = lambda row: np.array([measured["gfid"] for measured in row["measurements"]])  # noqa: E731
+    found = steps_to_match(steps, estimate(ours), estimate(base), gfid_replicates(ours, counts),
+                           gfid_replicates(base, counts))
+    return {"ours": ours["slug"], "baseline": base["slug"], **found,
+            "verdict": verdict([bound - 1 for bound in found["ratio_ci95"]], "lower")}
+
+
+def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -> str:
+    labels = {row["slug"]: row["label"] for row in rows}
+    lines = [f"# DiT convergence: {meta['preset']}", "", f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']}  ",
+             f"Date: {meta['date']}; {meta['wall_minutes']:.1f} min in the last invocation", "",
+             f"The same DiT ({meta['dit']}) trained on each row's latents (one run per row, its first training "
+             f"seed), measured at each kept checkpoint on {meta['samples']} samples against the same reference: gFID "
+             f"with its 95% bootstrap interval, and the mean training loss logged over the second half of the steps "
+             f"up to the checkpoint. Floor: {floor['num_images']} real validation images score FID "
+             f"{format_interval(floor['fid'], floor['fid_ci95'])}, the lowest gFID this sample count can show.", "",
+             "| row | latent | " + " | ".join(f"{steps:,} steps: gFID / loss" for steps in meta["measured_steps"]) +
+             " |", "|---|---|" + "---|" * len(meta["measured_steps"])]
+    for row in rows:
+        cells = [f"{format_interval(m['gfid'], m['gfid_ci95'])} / "
+                 f"{'n/a' if m['loss'] is None else format(m['loss'], '.4f')}" for m in row["measurements"]]
+        lines.append(f"| {row['label']} | {row['compression']} | " + " | ".join(cells) + " |")
+    lines += ["", "## How much of the baseline's training does ours need?", "",
+              "The level is the baseline's gFID at its last checkpoint; ours' steps to reach it are interpolated "
+              "linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). Ratio: those "
+              "steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval comes from "
+              "resamples of the samples shared by every checkpoint of both rows; ∞ where ours does not reach the "
+              "level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
+              "the interval lies below 1, contradicted where above, inconclusive otherwise. No training-seed "
+              "variance: one DiT per row.", "",
+              "| ours vs baseline | level (baseline's last gFID) | ours' steps to it | ratio [95% interval] | "
+              "resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
+    for item in comparisons:
+        reached = "not reached" if item["steps"] is None else (
+            f"≤ {item['steps']:,.0f} (the first checkpoint)" if item["at_first_budget"] else f"{item['steps']:,.0f}")
+        lines.append(f"| {labels[item['ours']]} vs {labels[item['baseline']]} | {item['level']:.1f} | {reached} | "
+                     f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
+                     f"**{item['verdict']}** |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> None:
+    """gFID (with intervals) and training loss of every row against DiT steps; each comparison's level dashed."""
+    figure, (gfid_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row in rows:
+        steps = [m["steps"] for m in row["measurements"]]
+        gfids = np.array([m["gfid"] for m in row["measurements"]])
+        bounds = np.array([m["gfid_ci95"] for m in row["measurements"]]).T
+        gfid_axis.errorbar(steps, gfids, yerr=[gfids - bounds[0], bounds[1] - gfids], marker="o", capsize=3,
+                           label=row["label"])
+        losses = [m["loss"] for m in row["measurements"]]
+        if None not in losses:
+            loss_axis.plot(steps, losses, marker="o", label=row["label"])
+    for item in comparisons:
+        gfid_axis.axhline(item["level"], linestyle="--", color="gray", linewidth=0.8)
+    gfid_axis.axhline(floor["fid"], linestyle=":", color="black", linewidth=0.8, label="real-data floor")
+    for axis, label in ((gfid_axis, "gFID (95% interval)"), (loss_axis, "DiT training loss")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("DiT training steps")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "convergence.png", dpi=120)
+    plt.close(figure)
+
+
+def main(cfg: DictConfig) -> dict:
+    name, preset, extra, out = open_preset(cfg, "convergence")
+    began = time.perf_counter()
+    configs = {entry["slug"]: run_config(preset, name, entry, extra, entry.get("seeds", [None])[0])
+               for entry in preset["tokenizers"]}
+    budgets = {slug: dit_budgets(run_cfg) for slug, run_cfg in configs.items()}
+    if len({tuple(steps) for steps in budgets.values()}) != 1:
+        raise ConfigError(f"the rows of {name} keep different DiT checkpoints {budgets}: set ldm.train.keep_steps in "
+                          f"the preset's common settings")
+    budgets = next(iter(budgets.values()))
+    pipelines = {}
+    for entry in preset["tokenizers"]:  # in order: a row may take the tokenizer a row above it trains
+        slug = entry["slug"]
+        pipelines[slug] = Pipeline(OmegaConf.merge(configs[slug], {"pipeline": {"steps": ["tokenizer", "cache", "ldm"]}}))
+        if cfg.reproduce.train:
+            print(f"== {entry['label']} ({configs[slug].name}): a DiT of {budgets[-1]:,} steps", flush=True)
+            pipelines[slug].run()
+    measured = [steps for steps in budgets if all(dit_checkpoint(p, steps).is_file() for p in pipelines.values())]
+    if len(measured) < 2:
+        raise ConfigError(f"fewer than two of the DiT checkpoints {budgets} exist in every row: run without "
+                          f"reproduce.train=false to train them")
+    rows = [{"label": entry["label"], "slug": entry["slug"], "compression": compression(pipelines[entry["slug"]].cfg),
+             "measurements": [measure(pipelines[entry["slug"]], steps) for steps in measured]}
+            for entry in preset["tokenizers"]]
+    by_slug = {row["slug"]: row for row in rows}
+    first = next(iter(pipelines.values())).cfg
+    comparisons = []
+    for roles in preset["convergence"]:
+        if not {roles["ours"], roles["baseline"]} <= set(by_slug):
+            raise ConfigError(f"the preset {name} compares {roles['ours']} with {roles['baseline']}: keep both rows")
+        comparisons.append(compare(by_slug[roles["ours"]], by_slug[roles["baseline"]], first.evaluate.bootstrap,
+                                   first.evaluate.subset_seed))
+    floor = real_data_floor(first)
+    meta = {"preset": name, "command": command_line(), "machine": machine(),
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
+            "budgets": budgets, "measured_steps": measured, "samples": rows[0]["measurements"][0]["samples"],
+            "dit": f"depth {first.ldm.depth}, width {first.ldm.hidden_size}, patch {first.ldm.patch_size}, "
+                   f"{first.ldm.train.batch_size} latents per step"}
+    results = {"meta": meta, "rows": rows, "comparisons": comparisons, "real_data_floor": floor}
+    (out / "convergence.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "convergence.md").write_text(render(rows, comparisons, floor, meta))
+    plot(rows, comparisons, floor, out)
+    print((out / "convergence.md").read_text())
+    return results

@@ -1,0 +1,84 @@
+"""stage=convergence: the dgae32 preset, and a tiny DiT convergence study end to end."""
+import json
+
+import pytest
+
+from pipelines.configs import group_config
+from pipelines.reproduce import run_config
+from shared.runtime import finished_result
+from shared.train.checkpoint import CheckpointDir
+from tests.helpers import run_cli
+
+
+def test_dgae32_compares_half_channels_at_fair32s_recipe_and_reuses_fair32s_tokenizers():
+    dgae, fair = group_config("reproduce", "dgae32"), group_config("reproduce", "fair32")
+    rows = {entry["slug"]: entry for entry in dgae["tokenizers"]}
+    configs = {slug: run_config(dgae, "dgae32", entry, [], 0) for slug, entry in rows.items()}
+    assert configs["vae_f4"].pipeline.tokenizer_run == "reproduce_fair32_vae_f4_s0"
+    fair_rows = {entry["slug"]: entry for entry in fair["tokenizers"]}
+    for slug in ("vae_f4", "epsvae_f4"):  # the same tokenizer settings as the fair32 runs they take
+        assert run_config(fair, "fair32", fair_rows[slug], [], 0).tokenizer == configs[slug].tokenizer
+    assert [configs[slug].tokenizer.latent_channels for slug in rows] == [4, 4, 2, 2]
+    assert configs["dgae_f4x2"].tokenizer.kind == "dgae" and configs["dgae_f4x2"].tokenizer.loss.adversarial == 0
+    for slug in ("epsvae_f4x2", "dgae_f4x2"):
+        assert (configs[slug].tokenizer.flow.gamma, configs[slug].tokenizer.flow.grid) == (1.0, "uniform")
+    assert {cfg.ldm.train.steps for cfg in configs.values()} == {2400}
+    assert list(configs["dgae_f4x2"].ldm.train.keep_steps) == [300, 600, 1200, 2400]
+    kept = {name for name, roles in dgae["claims"].items() if roles is not None}
+    assert kept == {"dgae_design", "half_channels_vs_vae", "half_channels_vs_epsvae"}
+    assert all(dgae["claims"][name]["margin"]["psnr"] == 0.5 for name in kept - {"dgae_design"})
+
+
+@pytest.mark.slow
+def test_a_tiny_convergence_study_measures_every_kept_dit_checkpoint(tmp_path):
+    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
+    (tmp_path / "presets" / "reproduce" / "tiny_conv.yaml").write_text("""
+experiment: smoke
+common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 3, tokenizer.train.batch_size: 8,
+         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
+         ldm.train.keep_steps: [2, 4], ldm.train.batch_size: 8, ldm.train.log_every: 1, ldm.train.sample_every: 100,
+         ldm.train.ckpt_every: 100, sample.num_per_class: 2, sample.steps: 2, decode.nfe: 1, decode.batch_size: 10,
+         evaluate.reference_images: 40, evaluate.bootstrap: 20, reconstruct.num_images: 20}
+tokenizers:
+  - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0], overrides: []}
+  - {label: "DGAE", slug: dgae, tokenizer: dgae_tiny, seeds: [0], overrides: []}
+  - {label: "VAE again", slug: again, tokenizer: vae_tiny, seeds: [0], overrides: [],
+     tokenizer_run: "reproduce_tiny_conv_vae_s{seed}"}
+convergence:
+  - {baseline: vae, ours: dgae}
+  - {baseline: vae, ours: again}
+""")
+    out = tmp_path / "results"
+    command = ["stage=convergence", "reproduce=tiny_conv", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
+               f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
+               "device=cpu"]
+    run_cli(*command, timeout=1800)
+    results = json.loads((out / "convergence.json").read_text())
+    for slug in ("vae", "dgae", "again"):
+        folder = tmp_path / "pipeline" / f"reproduce_tiny_conv_{slug}_s0"
+        assert CheckpointDir(folder / "ldm" / "checkpoints").steps() == [2, 4]  # both kept; ckpt_every divides none
+        for steps in (2, 4):
+            assert finished_result(folder / f"dit_{steps}_sample")["num_samples"] == 20
+            assert finished_result(folder / f"dit_{steps}_evaluate")["fid"] > 0
+    again = tmp_path / "pipeline" / "reproduce_tiny_conv_again_s0"
+    assert not (again / "tokenizer").exists()  # the VAE run's tokenizer, not trained again
+    rows = {row["slug"]: row for row in results["rows"]}
+    assert [m["steps"] for m in rows["dgae"]["measurements"]] == [2, 4]
+    assert len({m["gfid"] for m in rows["dgae"]["measurements"]}) == 2  # each checkpoint sampled its own DiT
+    assert all(m["loss"] > 0 and m["gfid_ci95"][0] <= m["gfid"] <= m["gfid_ci95"][1]
+               for row in rows.values() for m in row["measurements"])
+    first, same = results["comparisons"]
+    assert (first["ours"], first["baseline"]) == ("dgae", "vae")
+    assert first["level"] == pytest.approx(rows["vae"]["measurements"][-1]["gfid"])
+    assert first["verdict"] in ("reproduced", "contradicted", "inconclusive")
+    # the same tokenizer, DiT settings and seed: the same DiT, whose curve reaches the baseline's last gFID by the
+    # last checkpoint in every resample (the resamples are shared)
+    assert [m["gfid"] for m in rows["again"]["measurements"]] == pytest.approx(
+        [m["gfid"] for m in rows["vae"]["measurements"]])
+    assert same["ratio"] <= 1.0 and same["ratio_ci95"][1] <= 1.0 and same["reached"] == 1.0
+    table = (out / "convergence.md").read_text()
+    assert "| DGAE vs VAE |" in table and "Floor:" in table and (out / "convergence.png").is_file()
+    # reproduce.train=false measures what exists, training nothing, with the same numbers
+    rerun = run_cli(*command, "reproduce.train=false", timeout=600)
+    assert "== " not in rerun.stdout
+    assert json.loads((out / "convergence.json").read_text())["comparisons"] == results["comparisons"]
