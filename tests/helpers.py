@@ -29,6 +29,20 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def tiny_tokenizer_and_cache(root: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """(checkpoint, cache folder): a tokenizer trained with `overrides` in root/tokenizer on one thread, and the
+    latent cache of its training split in root/cache."""
+    from stage1_tokenizer.train import train_tokenizer
+    from stage2_ldm.cache import main as cache_main
+
+    torch.set_num_threads(1)
+    checkpoint = Path(train_tokenizer(load_config(["stage=tokenizer", *overrides], root),
+                                      run_dir=root / "tokenizer")["checkpoint"])
+    cache_main(load_config(["stage=cache", *overrides, f"tokenizer.checkpoint={checkpoint}",
+                            f"cache.dir={root / 'cache'}"], root))
+    return checkpoint, root / "cache"
+
+
 def load_config(overrides: list[str], output_root: Path | None = None) -> DictConfig:
     """The config `pipelines/run.py` would see for these overrides."""
     cfg = compose_config(overrides)

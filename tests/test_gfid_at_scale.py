@@ -16,12 +16,10 @@ from shared.metrics.evaluate import evaluate_samples, resolve_reference
 from shared.train.checkpoint import load_checkpoint
 from shared.train.ema import EMA
 from stage1_tokenizer.tokenizer import load_tokenizer
-from stage1_tokenizer.train import train_tokenizer
 from stage2_ldm import sample as sample_lib
-from stage2_ldm.cache import main as cache_main
 from stage2_ldm.dit import load_dit
 from stage2_ldm.train import train_ldm, training_fid
-from tests.helpers import load_config
+from tests.helpers import load_config, tiny_tokenizer_and_cache
 
 TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer.train.steps=2",
         "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=0", "tokenizer.train.ckpt_every=2",
@@ -35,11 +33,7 @@ TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer
 def run(tmp_path_factory):
     """A tiny tokenizer, its latent cache and a DiT trained with a gFID every 2 steps."""
     root = tmp_path_factory.mktemp("gfid")
-    torch.set_num_threads(1)
-    tokenizer = Path(train_tokenizer(load_config(["stage=tokenizer", *TINY], root), run_dir=root / "tokenizer")
-                     ["checkpoint"])
-    cache_main(load_config(["stage=cache", *TINY, f"tokenizer.checkpoint={tokenizer}", f"cache.dir={root / 'cache'}"],
-                           root))
+    tokenizer, _ = tiny_tokenizer_and_cache(root, TINY)
     cfg = load_config(["stage=ldm", *TINY, f"tokenizer.checkpoint={tokenizer}"], root)
     ldm = Path(train_ldm(cfg, root / "cache", tokenizer, run_dir=root / "ldm")["checkpoint"])
     return {"root": root, "tokenizer": tokenizer, "ldm": ldm, "cfg": cfg}

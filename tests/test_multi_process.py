@@ -21,7 +21,7 @@ from stage1_tokenizer.train import train_tokenizer
 from stage2_ldm.cache import main as cache_main
 from stage2_ldm.sample import sample_to_folder
 from stage2_ldm.train import train_ldm
-from tests.helpers import REPO, load_config, torch_threads
+from tests.helpers import REPO, load_config, tiny_tokenizer_and_cache, torch_threads
 
 TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer.train.steps=4",
         "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=0", "tokenizer.train.ckpt_every=2",
@@ -46,12 +46,8 @@ def torchrun(*args: str, timeout: float = 900, script: Path = REPO / "pipelines"
 def made(tmp_path_factory):
     """A tiny tokenizer and the latent cache of its training split."""
     root = tmp_path_factory.mktemp("two_processes")
-    torch.set_num_threads(1)
-    tokenizer = Path(train_tokenizer(load_config(["stage=tokenizer", *TINY], root), run_dir=root / "tokenizer")
-                     ["checkpoint"])
-    cache_main(load_config(["stage=cache", *TINY, f"tokenizer.checkpoint={tokenizer}", f"cache.dir={root / 'cache'}"],
-                           root))
-    return {"root": root, "tokenizer": tokenizer, "cache": root / "cache"}
+    tokenizer, cache = tiny_tokenizer_and_cache(root, TINY)
+    return {"root": root, "tokenizer": tokenizer, "cache": cache}
 
 
 def dit_overrides(made: dict) -> list[str]:
