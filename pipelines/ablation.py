@@ -112,11 +112,15 @@ def run_of(cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
 
 
 def row_of(rung: dict, cfg, runs: list[dict]) -> dict:
-    """A rung's row: the first run's record, with rFID and PSNR the means over the runs when it has several."""
+    """A rung's row: the first run's record; with several runs, rFID and PSNR are the means over them, and the
+    intervals over the images are each run's own (under "runs")."""
     row = {"label": rung["label"], "slug": rung["slug"], "nfe": cfg.decode.nfe, "paper": rung.get("paper", {}),
            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), **runs[0], "runs": runs}
     if len(runs) > 1:
-        row.update({key: float(np.mean([run[key] for run in runs])) for key in ("rfid", "psnr")})
+        for key in ("rfid", "psnr"):
+            row[key] = float(np.mean([run[key] for run in runs]))
+            del row[f"{key}_ci95"]
+        del row["seed"]
     return row
 
 

@@ -19,7 +19,6 @@ budget_metrics.png (each row against log steps) and budget_difference.png (the d
 """
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
+from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import format_interval, log_step_trend, normal_interval, verdict  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
@@ -246,7 +246,7 @@ def main(cfg: DictConfig) -> dict:
             "budgets": budgets, "measured_budgets": measured, "ours": ours["label"], "baseline": base["label"],
             "budget": f"{run_cfg.tokenizer.train.batch_size} images per step at {run_cfg.data.resolution} px"}
     results = {"meta": meta, "rows": rows, "comparison": comparison, "psnr_target": target}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json_text(results))
     (out / "table.md").write_text(render_table(rows, comparison, target, meta))
     plot(rows, comparison, meta, out)
     print((out / "table.md").read_text())

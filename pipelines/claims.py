@@ -206,16 +206,32 @@ def _trend_parts(metric: str, lower: tuple[dict, dict], higher: tuple[dict, dict
     return high[:, 0], low[:, 0], float(joint.var(ddof=1))
 
 
+def check_claims(spec: dict, name: str) -> None:
+    """Refuse, before any run, a claim of no known kind, or a margin for a metric its claim does not measure or
+    below zero (a misspelt margin would silently turn an equal-quality claim into a plain one)."""
+    for key, roles in (spec or {}).items():
+        if roles is None:
+            continue
+        kind = roles.get("claim", key)
+        if kind not in PAPER:
+            raise ConfigError(f"claims.{key} of the preset {name}: no claim of the kind {kind!r}; the kinds are "
+                              f"{sorted(PAPER)}")
+        margin = roles.get("margin", {})
+        unknown = set(margin) - set(CLAIM_METRICS[kind])
+        if unknown or any(value < 0 for value in margin.values()):
+            raise ConfigError(f"claims.{key}.margin of the preset {name}: {margin} must give numbers >= 0 for "
+                              f"metrics of {CLAIM_METRICS[kind]}")
+
+
 def claims(rows: dict[str, dict], spec: dict, resamples: int = 200, seed: int = 0) -> list[dict]:
     """The paper's claims on the rows the preset names (chosen before any result), each with the interval of its
     difference and the verdict of shared.metrics.intervals.verdict: never written by hand."""
+    check_claims(spec, "given")
     result = []
     for name, roles in spec.items():
         if roles is None:  # a preset that extends another drops an inherited claim by setting it to null
             continue
         kind = roles.get("claim", name)
-        if kind not in PAPER:
-            raise ConfigError(f"claims.{name}: no claim of the kind {kind!r}; the kinds are {sorted(PAPER)}")
         if kind == "compression_trend":
             low, high = roles["lower"], roles["higher"]  # the two compressions, each {baseline, ours}
             needed = [low["ours"], low["baseline"], high["ours"], high["baseline"]]

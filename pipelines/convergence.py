@@ -12,14 +12,17 @@ logged after the first half of the steps up to it.
 
 Each of the preset's `convergence` comparisons ({baseline, ours}) asks how much of the baseline's training the DiT
 on ours' latents needs to reach the gFID the baseline's DiT has at its last checkpoint (shared.metrics.intervals:
-steps_to_match, gFID linear in log2 steps between checkpoints). Every checkpoint of both rows samples the same
-labels and noise, so one set of bootstrap resamples of the samples serves every checkpoint of both: the interval
-of the ratio keeps their correlation. The verdict is the usual rule in DGAE's direction (a ratio below 1). One DiT
-per row: the interval holds no training-seed variance. The real-data floor says how low a gFID can go at the
-sample count.
+steps_to_match, gFID linear in log2 steps between checkpoints, the same rule for both rows). Every checkpoint of a
+row samples the same labels and noise, so one bootstrap resample of the samples serves all of a row's checkpoints
+and keeps their correlation; both rows sample the same labels, and take the same resample. The verdict is the usual
+rule in DGAE's direction (a ratio below 1). One DiT per row: the interval holds no training-seed variance. The
+real-data floor says how low a gFID can go at the sample count.
 
-`reproduce.train=false` trains nothing and measures the checkpoints every row has. Writes results/<PRESET>/ (or
-reproduce.out): convergence.md, convergence.json and convergence.png, beside stage=reproduce's table of the preset.
+`reproduce.train=false` trains nothing and measures the checkpoints every row has; before the last checkpoint
+exists the comparison is marked partial (its level is the baseline's gFID at the last checkpoint measured). The
+measurements' wall time joins each run folder's seconds.json under dit_<steps>_* (stage=reproduce leaves it out of
+its compute time). Writes results/<PRESET>/ (or reproduce.out): convergence.md, convergence.json and
+convergence.png, beside stage=reproduce's table of the preset.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.reproduce import compression, machine, open_preset, real_data_floor, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
+from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import format_interval, steps_to_match, verdict  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
@@ -128,20 +132,24 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
         cells = [f"{format_interval(m['gfid'], m['gfid_ci95'])} / "
                  f"{'n/a' if m['loss'] is None else format(m['loss'], '.4f')}" for m in row["measurements"]]
         lines.append(f"| {row['label']} | {row['compression']} | " + " | ".join(cells) + " |")
+    if meta["partial"]:
+        lines += ["", f"**Partial**: the DiTs have not reached {meta['budgets'][-1]:,} steps yet; the level below is "
+                      f"the baseline's gFID at {meta['measured_steps'][-1]:,} steps, and the verdicts will change."]
     lines += ["", "## How much of the baseline's training does ours need?", "",
-              "The level is the baseline's gFID at its last checkpoint; ours' steps to reach it are interpolated "
-              "linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). Ratio: those "
-              "steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval comes from "
-              "resamples of the samples shared by every checkpoint of both rows; ∞ where ours does not reach the "
+              "The level is the baseline's gFID at its last checkpoint; each row's steps to reach it are "
+              "interpolated linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). "
+              "Ratio: ours' steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval "
+              "comes from resamples of the samples shared by every checkpoint of a row; ∞ where ours does not reach the "
               "level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
               "the interval lies below 1, contradicted where above, inconclusive otherwise. No training-seed "
               "variance: one DiT per row.", "",
-              "| ours vs baseline | level (baseline's last gFID) | ours' steps to it | ratio [95% interval] | "
+              "| ours vs baseline | level (baseline's last gFID) | steps to it: ours / baseline | ratio [95% interval] | "
               "resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
     for item in comparisons:
         reached = "not reached" if item["steps"] is None else (
             f"≤ {item['steps']:,.0f} (the first checkpoint)" if item["at_first_budget"] else f"{item['steps']:,.0f}")
-        lines.append(f"| {labels[item['ours']]} vs {labels[item['baseline']]} | {item['level']:.1f} | {reached} | "
+        lines.append(f"| {labels[item['ours']]} vs {labels[item['baseline']]} | {item['level']:.1f} | {reached} / "
+                     f"{item['baseline_steps']:,.0f} | "
                      f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
                      f"**{item['verdict']}** |")
     return "\n".join(lines) + "\n"
@@ -189,6 +197,8 @@ def main(cfg: DictConfig) -> dict:
         if cfg.reproduce.train:
             print(f"== {entry['label']} ({configs[slug].name}): a DiT of {budgets[-1]:,} steps", flush=True)
             pipelines[slug].run()
+        else:
+            pipelines[slug].check_config()  # measuring writes into the run folder: it must be this preset's run
     measured = [steps for steps in budgets if all(dit_checkpoint(p, steps).is_file() for p in pipelines.values())]
     if len(measured) < 2:
         raise ConfigError(f"fewer than two of the DiT checkpoints {budgets} exist in every row: run without "
@@ -207,11 +217,12 @@ def main(cfg: DictConfig) -> dict:
     floor = real_data_floor(first)
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
-            "budgets": budgets, "measured_steps": measured, "samples": rows[0]["measurements"][0]["samples"],
+            "budgets": budgets, "measured_steps": measured, "partial": measured != budgets,
+            "samples": rows[0]["measurements"][0]["samples"],
             "dit": f"depth {first.ldm.depth}, width {first.ldm.hidden_size}, patch {first.ldm.patch_size}, "
                    f"{first.ldm.train.batch_size} latents per step"}
     results = {"meta": meta, "rows": rows, "comparisons": comparisons, "real_data_floor": floor}
-    (out / "convergence.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "convergence.json").write_text(json_text(results))
     (out / "convergence.md").write_text(render(rows, comparisons, floor, meta))
     plot(rows, comparisons, floor, out)
     print((out / "convergence.md").read_text())

@@ -16,6 +16,7 @@ evaluates a longer DiT on RUN's tokenizer.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,18 +34,35 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def tokenizer_source(cfg: DictConfig) -> tuple[Path, DictConfig]:
+def tokenizer_source(cfg: DictConfig, root: Path) -> tuple[Path, DictConfig]:
     """(folder, cfg with that run's tokenizer settings) of the pipeline run `pipeline.tokenizer_run` names (a name
-    under ${output_root}/pipeline, or a folder), whose tokenizer step must have finished."""
+    under ${output_root}/pipeline, or a folder), whose tokenizer step must have finished, for the run in `root`.
+    The source's recorded tokenizer settings replace this run's (a notice lists those that differ); its data
+    settings must be this run's, since its tokenizer encodes this run's images."""
     given = Path(str(cfg.pipeline.tokenizer_run))
     folder = given if (given / "pipeline_config.yaml").is_file() else Path(cfg.output_root) / "pipeline" / given
     record = folder / "pipeline_config.yaml"
     if not record.is_file() or finished_result(folder / "tokenizer") is None:
         raise ConfigError(f"pipeline.tokenizer_run={given}: {folder} holds no finished tokenizer step of a pipeline "
                           f"run; name a run (under {Path(cfg.output_root) / 'pipeline'}) or its folder")
+    if (root / "tokenizer").exists():
+        raise ConfigError(f"{root} trained a tokenizer of its own; pipeline.tokenizer_run={given} cannot replace it "
+                          f"under its finished steps: choose a new name=")
+    recorded, wanted = OmegaConf.load(record), config_fingerprint(cfg)
+    data_changes = config_differences(OmegaConf.to_container(recorded.data), wanted["data"], "data.")
+    if data_changes:
+        raise ConfigError(f"pipeline.tokenizer_run={given} was trained on other data "
+                          f"({describe_differences(data_changes)}): give this run the data settings of that run")
+    # tokenizer.checkpoint only says where the single stages look (a path made from the run's name): not a setting
+    replaced = [change for change in config_differences(OmegaConf.to_container(recorded.tokenizer),
+                                                        wanted["tokenizer"], "tokenizer.")
+                if change[0] != "tokenizer.checkpoint"]
+    if replaced:
+        print(f"pipeline.tokenizer_run={given}: this run takes that run's tokenizer settings "
+              f"({describe_differences([(key, new, old) for key, old, new in replaced])})", file=sys.stderr)
     cfg = cfg.copy()
-    with open_dict(cfg):
-        cfg.tokenizer = OmegaConf.load(record).tokenizer
+    with open_dict(cfg):  # over this run's, so that keys a record leaves out (or had not yet) keep their values
+        cfg.tokenizer = OmegaConf.merge(OmegaConf.to_container(cfg.tokenizer, resolve=True), recorded.tokenizer)
     return folder, cfg
 
 
@@ -58,7 +76,7 @@ class Pipeline:
             raise ConfigError(f"pipeline.steps has unknown steps {sorted(unknown)}; choose from {list(STEPS)}")
         self.tokenizer_root = self.root
         if cfg.pipeline.get("tokenizer_run"):
-            self.tokenizer_root, cfg = tokenizer_source(cfg)
+            self.tokenizer_root, cfg = tokenizer_source(cfg, self.root)
         self.cfg = cfg
         # a tokenizer taken from another run is not trained here
         self.steps = [step for step in STEPS if step in cfg.pipeline.steps

@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pipelines.claims import claims  # noqa: E402
+from pipelines.claims import check_claims, claims  # noqa: E402
 from pipelines.configs import CONFIG_DIR, ROOT, command_line, compose_config, group_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
@@ -74,6 +74,9 @@ def run_config(preset: dict, preset_name: str, entry: dict, extra: list[str], se
     with `{seed}` for the seed (pipeline.tokenizer_run): they are not trained again."""
     name = f"reproduce_{preset_name}_{entry['slug']}" + ("" if seed is None else f"_s{seed}")
     source = entry.get("tokenizer_run")
+    if source is not None and (seed is None) == ("{seed}" in source):
+        raise ConfigError(f"the row {entry['slug']} of the preset {preset_name}: tokenizer_run={source!r} needs "
+                          f"'{{seed}}' exactly when the row has seeds, so that each seed takes its own tokenizer")
     overrides = ["stage=pipeline", f"experiment={preset['experiment']}", f"tokenizer={entry['tokenizer']}",
                  f"name={name}", *as_overrides(preset.get("common", {})), *entry["overrides"],
                  *([] if source is None else [f"pipeline.tokenizer_run={source.format(seed=seed)}"]),
@@ -274,7 +277,9 @@ def run_record(cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict], re
               "gfid_by_cfg": {f"{scale:g}": {"gfid": result["fid"], "gfid_ci95": result["fid_ci95"]}
                               for scale, result in guided.items()},
               "generation_settings": generation, "reconstruction_subset": reconstruction["subset"],
-              "wall_seconds": dict(pipeline.seconds),
+              # stage=convergence's measurements (dit_<steps>_*) are that stage's time, not this table's
+              "wall_seconds": {step: seconds for step, seconds in pipeline.seconds.items()
+                               if not step.startswith("dit_")},
               # What the claims are computed from: per-image reconstruction metrics and features, sample features.
               "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe)),
                         **({"sample_features": evaluation["sample_features"],
@@ -469,10 +474,21 @@ def train_and_measure(cfg, preset: dict) -> tuple[dict, Pipeline]:
     return run_record(cfg, pipeline, report, sweep, resolutions, guided), pipeline
 
 
+def finished_run(run_cfg, preset: dict) -> bool:
+    """Whether every step the preset asks of the run has finished (false while the run whose tokenizer it takes has
+    not finished training it)."""
+    try:
+        pipeline = Pipeline(run_cfg)
+    except ConfigError:
+        return False
+    return all(finished_result(pipeline.folder(step)) is not None for step in run_steps(run_cfg, preset))
+
+
 def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
     """Run (or resume) every run of every row of `preset` (one per seed of a row's `seeds`), with the overrides
     `extra` on each, and write the results folder; returns what results.json holds. reproduce.train=false trains
     and measures nothing: it tabulates the runs that have finished and lists the others as missing."""
+    check_claims(preset.get("claims"), name)  # before any run: a misspelt claim would otherwise fail hours later
     out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, missing, run_cfg = [], [], None
@@ -480,8 +496,7 @@ def reproduce(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dic
         runs = []
         for seed in entry.get("seeds", [None]):
             run_cfg = run_config(preset, name, entry, extra, seed)
-            if not cfg.reproduce.train and not all(finished_result(Pipeline(run_cfg).folder(step)) is not None
-                                                   for step in run_steps(run_cfg, preset)):
+            if not cfg.reproduce.train and not finished_run(run_cfg, preset):
                 missing.append(str(run_cfg.name))
                 continue
             print(f"== {entry['label']}: {compression(run_cfg)} ({run_cfg.name})", flush=True)

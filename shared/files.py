@@ -9,10 +9,12 @@ disk, then renamed over `path`, and the rename itself is flushed with the direct
 point leaves the previous file (or none) under `path`: readers never see half a file. An exception also removes the
 temporary; a process killed mid-write leaves it, hidden, for `leftover_temporaries` to find.
 Checkpoints, shard archives, latent-cache manifests, FID statistics, sample .npz files and a run's config, result
-and markers are all written this way.
+and markers are all written this way. `json_text` writes results as standard JSON.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,3 +56,18 @@ def write_atomically(path: str | Path, content: str | bytes) -> None:
     """`content` (text as UTF-8) as the whole of `path`, atomically."""
     with atomic_file(path) as file:
         file.write(content.encode() if isinstance(content, str) else content)
+
+
+def json_text(data) -> str:
+    """`data` as standard JSON (indented, with a final newline) that any parser reads: a non-finite float, such as
+    the unbounded side of an interval, is written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=2, allow_nan=False) + "\n"

@@ -285,3 +285,9 @@ def test_steps_to_match_finds_the_faster_run_and_says_when_one_never_gets_there(
     assert verdict([bound - 1 for bound in never["ratio_ci95"]], "lower") == "contradicted"
     ahead = steps_to_match(steps, baseline - 200, baseline, baseline_reps - 200, baseline_reps)
     assert ahead["at_first_budget"] and ahead["ratio"] == pytest.approx(300 / 2400)
+    # identical runs need the same steps whatever the curve's shape, a plateau and an uptick at the end included
+    for curve in (baseline, np.array([100.0, 60.0, 50.0, 52.0])):
+        replicates = curve + shared + rng.normal(0, 2, size=(400, 4))
+        same = steps_to_match(steps, curve, curve, replicates, replicates)
+        assert same["ratio"] == 1.0 and same["ratio_ci95"] == [1.0, 1.0]
+        assert verdict([bound - 1 for bound in same["ratio_ci95"]], "lower") == "inconclusive"

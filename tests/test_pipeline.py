@@ -86,8 +86,12 @@ def test_a_run_can_take_the_tokenizer_another_run_trained(tmp_path):
     run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[tokenizer]")
     source = tmp_path / "pipeline" / "smoke"
     # a longer DiT on that tokenizer: the command's own tokenizer settings give way to the run's
-    run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=smoke",
-            "pipeline.steps=[tokenizer,reconstruct,cache,ldm]", "tokenizer.train.steps=7", "ldm.train.steps=30")
+    other_data = run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=smoke",
+                         "data.resolution=64", check=False)
+    assert other_data.returncode != 0 and "data.resolution: 32 -> 64" in other_data.stderr
+    took = run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=smoke",
+                   "pipeline.steps=[tokenizer,reconstruct,cache,ldm]", "tokenizer.train.steps=7", "ldm.train.steps=30")
+    assert "takes that run's tokenizer settings (tokenizer.train.steps: 7 -> 20)" in took.stderr
     root = tmp_path / "pipeline" / "dit"
     assert not (root / "tokenizer").exists()  # nothing was trained again
     checkpoint = finished_result(source / "tokenizer")["checkpoint"]
@@ -102,3 +106,7 @@ def test_a_run_can_take_the_tokenizer_another_run_trained(tmp_path):
     changed = run_cli(*SHORT, f"output_root={tmp_path}", "name=dit", "pipeline.tokenizer_run=other",
                       "pipeline.steps=[reconstruct]", check=False)
     assert changed.returncode != 0 and "different config" in changed.stderr
+    # a run that trained its own tokenizer cannot swap it for another under its finished steps
+    swapped = run_cli(*SHORT, f"output_root={tmp_path}", "name=other", "pipeline.tokenizer_run=smoke", "seed=1",
+                      check=False)
+    assert swapped.returncode != 0 and "trained a tokenizer of its own" in swapped.stderr

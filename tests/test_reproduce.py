@@ -180,6 +180,20 @@ def test_an_equal_quality_claim_is_judged_against_its_margin(tmp_path):
     assert psnr_verdict("worse", 0.5) == "contradicted"
     with pytest.raises(ConfigError, match="no claim of the kind 'same'"):
         claims_lib.claims(rows, {"same": {"baseline": "full", "ours": "close"}})
+    # a misspelt or negative margin is refused before any run, not read as "no margin"
+    for margin in ({"fid": 10.0}, {"psnr": -0.5}):
+        with pytest.raises(ConfigError, match="margin of the preset p"):
+            claims_lib.check_claims({"same": {"claim": "half_channels", "baseline": "full", "ours": "close",
+                                              "margin": margin}}, "p")
+
+
+def test_a_row_takes_each_seeds_tokenizer_from_a_named_run():
+    fair = group_config("reproduce", "fair32")
+    entry = {**fair["tokenizers"][0], "tokenizer_run": "reproduce_fair32_vae_f4_s{seed}"}
+    assert reproduce.run_config(fair, "t", entry, [], 2).pipeline.tokenizer_run == "reproduce_fair32_vae_f4_s2"
+    for seed, source in ((None, "run_s{seed}"), (1, "run_s0")):  # a template that cannot give each seed its own
+        with pytest.raises(ConfigError, match="needs '{seed}' exactly when the row has seeds"):
+            reproduce.run_config(fair, "t", {**entry, "tokenizer_run": source}, [], seed)
 
 
 def test_claims_refuse_rows_measured_on_different_images_or_references(rows, tmp_path):

@@ -6,6 +6,7 @@ written over another one's files; each now ends in a correct result or one line 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pipelines.configs import group_config
 from shared import runtime as runtime_lib
 from shared.config_check import check_config
 from shared.errors import ConfigError, DataError
+from shared.files import json_text
 from shared.train.checkpoint import (CheckpointDir, atomic_save, load_checkpoint, load_weights, resolve_checkpoint,
                                      save_json)
 from tests.helpers import REPO, load_config, run_cli
@@ -358,3 +360,9 @@ def test_an_output_folder_that_is_a_file_or_read_only_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"the folder {read_only / 'out'} is not writable \(Permission denied\): "
                                           rf"set reproduce.out="):
         runtime_lib.check_writable_folder(read_only / "out", "reproduce.out")
+
+
+def test_results_are_standard_json_with_an_unbounded_side_as_null():
+    text = json_text({"ratio": math.inf, "ci95": [0.5, math.inf], "nested": {"nan": math.nan, "ok": 1.5}})
+    assert json.loads(text) == {"ratio": None, "ci95": [0.5, None], "nested": {"nan": None, "ok": 1.5}}
+    assert "Infinity" not in text and "NaN" not in text

@@ -285,18 +285,19 @@ def steps_to_reach(steps, values, level: float) -> float:
 
 def steps_to_match(steps, ours, baseline, ours_replicates, baseline_replicates,
                    confidence: float = CONFIDENCE) -> dict:
-    """The fraction of the baseline's training that ours needs to reach the baseline's value at its last budget.
+    """How many times the baseline's steps ours needs to reach the value the baseline has at its last budget.
 
     ours, baseline (K,): a lower-is-better metric (gFID) of each run after `steps` (K,) training steps;
-    *_replicates (R, K): the same on R resamples, resample r drawn once for every budget of both runs (their
-    checkpoints sample the same labels and noise, so the resamples pair up). In resample r the level is the
-    baseline's value at its last budget in that resample, and ours' steps to reach it are `steps_to_reach`.
+    *_replicates (R, K): the same on R resamples, resample r drawn once for every budget. In each resample the level
+    is the baseline's value at its last budget, and both runs' steps to it are `steps_to_reach` (the baseline's is
+    its last budget unless its curve got there earlier): the same rule for both, so two identical curves give 1.
 
-    Returns {"level", "steps" (ours' steps to the level; None where no budget reaches it), "ratio" (those steps /
-    the last budget: below 1 ours converges faster), "ratio_ci95" (order statistics of the resamples' ratios; an
-    upper bound of inf where more than the tail of resamples never reaches the level: the data do not exclude
-    "never"), "reached" (the fraction of resamples in which ours reaches the level), "at_first_budget" (ours had
-    reached it at the first budget already: the ratio is then an upper bound), "replicates"}.
+    Returns {"level", "steps" (ours' steps to the level; None where no budget reaches it), "baseline_steps", "ratio"
+    (ours' steps / the baseline's: below 1 ours converges faster), "ratio_ci95" (order statistics of the resamples'
+    ratios; an upper bound of inf where more than the tail of resamples never reaches the level: the data do not
+    exclude "never"), "reached" (the fraction of resamples in which ours reaches the level), "at_first_budget"
+    (ours had reached it at the first budget already: its steps and the ratio are then upper bounds),
+    "replicates"}.
     """
     steps = np.asarray(steps, dtype=np.float64)
     ours_replicates = np.asarray(ours_replicates, dtype=np.float64)
@@ -304,16 +305,19 @@ def steps_to_match(steps, ours, baseline, ours_replicates, baseline_replicates,
     if ours_replicates.shape != baseline_replicates.shape or ours_replicates.shape[1:] != steps.shape:
         raise ValueError(f"replicates of both runs must have the shape (resamples, {len(steps)}), got "
                          f"{ours_replicates.shape} and {baseline_replicates.shape}")
-    last = math.log2(steps[-1])
+
+    def log_ratio(ours_values, baseline_values) -> float:
+        level = baseline_values[-1]
+        return steps_to_reach(steps, ours_values, level) - steps_to_reach(steps, baseline_values, level)
+
     level = float(baseline[-1])
-    ahead = steps_to_reach(steps, ours, level)
-    log_ratios = np.sort([steps_to_reach(steps, o, b[-1]) - last
-                          for o, b in zip(ours_replicates, baseline_replicates)])
+    ahead, base_ahead = steps_to_reach(steps, ours, level), steps_to_reach(steps, baseline, level)
+    log_ratios = np.sort([log_ratio(o, b) for o, b in zip(ours_replicates, baseline_replicates)])
     tail = (1 - confidence) / 2
     # Order statistics, not interpolated between them: between a finite ratio and an infinite one there is none.
     bounds = [float(2 ** np.quantile(log_ratios, tail, method="lower")),
               float(2 ** np.quantile(log_ratios, 1 - tail, method="higher"))]
     return {"level": level, "steps": None if math.isinf(ahead) else float(2 ** ahead),
-            "ratio": float(2 ** (ahead - last)), "ratio_ci95": bounds,
-            "reached": float(np.isfinite(log_ratios).mean()), "at_first_budget": bool(ours[0] <= level),
-            "replicates": len(log_ratios)}
+            "baseline_steps": float(2 ** base_ahead), "ratio": float(2 ** (ahead - base_ahead)),
+            "ratio_ci95": bounds, "reached": float(np.isfinite(log_ratios).mean()),
+            "at_first_budget": bool(ours[0] <= level), "replicates": len(log_ratios)}
