@@ -21,12 +21,13 @@ real-data floor says how low a gFID can go at the sample count.
 `reproduce.train=false` trains nothing and measures the checkpoints every row has; before the last checkpoint
 exists the comparison is marked partial (its level is the baseline's gFID at the last checkpoint measured). The
 measurements' wall time joins each run folder's seconds.json under dit_<steps>_* (stage=reproduce leaves it out of
-its compute time). Writes results/<PRESET>/ (or reproduce.out): convergence.md, convergence.json and
-convergence.png, beside stage=reproduce's table of the preset.
+its compute time). Writes results/<PRESET>/ (or reproduce.out): convergence.md, convergence.json, convergence.png
+and each checkpoint's sample grid (samples_<row>_<steps>.png), beside stage=reproduce's table of the preset.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -83,6 +84,7 @@ def measure(pipeline: Pipeline, steps: int) -> dict:
                                    lambda folder: evaluate_to_folder(cfg, samples["samples"], run_dir=folder))
     return {"steps": steps, "gfid": evaluation["fid"], "gfid_ci95": evaluation["fid_ci95"],
             "loss": training_loss(pipeline, steps), "samples": samples["num_samples"],
+            "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"),
             "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
 
 
@@ -152,7 +154,17 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
                      f"{item['baseline_steps']:,.0f} | "
                      f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
                      f"**{item['verdict']}** |")
+    lines += ["", "## Samples", "", "The first samples of each class, one row per class, at each checkpoint:", "",
+              "| row | " + " | ".join(f"{steps:,} steps" for steps in meta["measured_steps"]) + " |",
+              "|---|" + "---|" * len(meta["measured_steps"])]
+    for row in rows:
+        lines.append(f"| {row['label']} | " + " | ".join(f"![]({grid_name(row['slug'], m['steps'])})"
+                                                         for m in row["measurements"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def grid_name(slug: str, steps: int) -> str:
+    return f"samples_{slug}_{steps}.png"
 
 
 def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> None:
@@ -225,5 +237,9 @@ def main(cfg: DictConfig) -> dict:
     (out / "convergence.json").write_text(json_text(results))
     (out / "convergence.md").write_text(render(rows, comparisons, floor, meta))
     plot(rows, comparisons, floor, out)
+    for row in rows:
+        for measured in row["measurements"]:
+            if Path(measured["grid"]).is_file():
+                shutil.copyfile(measured["grid"], out / grid_name(row["slug"], measured["steps"]))
     print((out / "convergence.md").read_text())
     return results

@@ -78,6 +78,7 @@ convergence:
     assert same["ratio"] == pytest.approx(1.0) and same["verdict"] == "inconclusive" and same["reached"] == 1.0
     table = (out / "convergence.md").read_text()
     assert "| DGAE vs VAE |" in table and "Floor:" in table and (out / "convergence.png").is_file()
+    assert all((out / f"samples_{slug}_{steps}.png").is_file() for slug in rows for steps in (2, 4))
     # reproduce.train=false measures what exists, training nothing, with the same numbers
     rerun = run_cli(*command, "reproduce.train=false", timeout=600)
     assert "== " not in rerun.stdout
