@@ -29,6 +29,17 @@ def test_dgae32_compares_half_channels_at_fair32s_recipe_and_reuses_fair32s_toke
     assert all(dgae["claims"][name]["margin"]["psnr"] == 0.5 for name in kept - {"dgae_design"})
 
 
+def test_dit_long32_trains_fair32s_dit_longer_on_fair32s_vae_f4_and_samples_with_guidance():
+    long, fair = group_config("reproduce", "dit_long32"), group_config("reproduce", "fair32")
+    (entry,) = long["tokenizers"]
+    cfg = run_config(long, "dit_long32", entry, [], 0)
+    assert cfg.pipeline.tokenizer_run == "reproduce_fair32_vae_f4_s0" and long["convergence"] == []
+    fair_vae = next(row for row in fair["tokenizers"] if row["slug"] == "vae_f4")
+    assert run_config(fair, "fair32", fair_vae, [], 0).tokenizer == cfg.tokenizer
+    assert cfg.ldm.train.steps == 32 * fair["common"]["ldm.train.steps"] == cfg.ldm.train.keep_steps[-1]
+    assert cfg.sample.cfg_scale == 4.0 and cfg.ldm.depth == run_config(fair, "fair32", fair_vae, [], 0).ldm.depth
+
+
 @pytest.mark.slow
 def test_a_tiny_convergence_study_measures_every_kept_dit_checkpoint(tmp_path):
     (tmp_path / "presets" / "reproduce").mkdir(parents=True)

@@ -313,3 +313,12 @@ def test_a_trial_of_a_preset_never_replaces_its_committed_results(tmp_path):
     assert folder([], only=["vae_f4"]) == trial  # some rows only
     cfg = load_config(["stage=reproduce", "reproduce=small32", f"reproduce.out={tmp_path / 'chosen'}"])
     assert reproduce.results_folder(cfg, "small32", ["tokenizer.train.steps=4"]) == tmp_path / "chosen"
+
+
+def test_the_throughput_plot_shows_every_seeds_gfid_with_its_own_interval(tmp_path):
+    runs = [{"seed": 0, "gfid": 1.0, "gfid_ci95": [0.9, 1.1]}, {"seed": 1, "gfid": 3.0, "gfid_ci95": [2.9, 3.1]}]
+    row = reproduce.row_of({"label": "A", "slug": "a", "tokenizer": "vae_tiny"}, load_config(["tokenizer=vae_tiny"]),
+                           [{**run, "images_per_s": {"total": 5.0}, "wall_seconds": {}} for run in runs])
+    assert row["gfid"] == 2.0 and "gfid_ci95" not in row  # the mean lies outside either seed's interval
+    reproduce.plot_gfid_against_throughput([row], tmp_path)
+    assert (tmp_path / "gfid_vs_throughput.png").stat().st_size > 0
