@@ -45,9 +45,9 @@ def test_the_older_reproduction_scripts_run_the_stages_and_name_the_presets(scri
 
 
 @pytest.mark.parametrize("stage, key, presets", [
-    ("reproduce", "claims", "['fair32', 'mini', 'mini_long', 'paper', 'small32']"),
-    ("ablation", "rungs", "['ladder32']"), ("pilot", "decode_grid", "['fair32_pilot']"),
-    ("budget", "budget_steps", "['budget32']")])
+    ("reproduce", "claims", "['dgae32', 'fair32', 'mini', 'mini_long', 'paper', 'small32']"),
+    ("ablation", "rungs", "['ladder32', 'ladder32_fair']"), ("pilot", "decode_grid", "['fair32_pilot']"),
+    ("budget", "budget_steps", "['budget32']"), ("convergence", "convergence", "['dgae32', 'dit_long32']")])
 def test_a_reproduction_stage_without_a_preset_names_the_presets_in_one_line(stage, key, presets):
     result = run_cli(f"stage={stage}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
