@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pipelines.claims import compare  # noqa: E402
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
     cell, check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
 from shared.errors import ConfigError  # noqa: E402
@@ -203,9 +204,7 @@ def plot(rows: list[dict], baselines: list[dict], out: Path) -> None:
     axis.set_ylabel("rFID, 95% interval (lower is better)")
     axis.set_title("ablation ladder")
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "rfid_ladder.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "rfid_ladder.png")
 
 
 def main(cfg: DictConfig) -> dict:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pipelines.claims import PAPER_DIRECTION  # noqa: E402
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
@@ -182,9 +183,7 @@ def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:
         axis.set_xlabel("training steps")
         axis.set_title(label)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "budget_metrics.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "budget_metrics.png")
 
     figure, axes = plt.subplots(1, len(comparison), figsize=(5 * len(comparison), 3.6))
     for axis, (metric, compared) in zip(axes, comparison.items()):
@@ -205,9 +204,7 @@ def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:
         axis.set_xlabel("training steps (dashed: the line extrapolated)")
         axis.set_title(f"{metric}: {meta['ours']} − {meta['baseline']}", fontsize=9)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "budget_difference.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "budget_difference.png")
 
 
 def main(cfg: DictConfig) -> dict:

@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import compression, machine, open_preset, real_data_floor, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
@@ -187,9 +188,7 @@ def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> N
         axis.set_xlabel("DiT training steps")
         axis.set_ylabel(label)
         axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "convergence.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "convergence.png")
 
 
 def main(cfg: DictConfig) -> dict:

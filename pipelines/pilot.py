@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.metrics.intervals import format_interval  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
@@ -145,9 +146,7 @@ def plot(rows: list[dict], out: Path) -> None:
     axis.set_ylabel("rFID, 95% interval (lower is better)")
     axis.set_title("pilot: rFID by training row and decode setting")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "rfid_by_setting.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "rfid_by_setting.png")
 
 
 def main(cfg: DictConfig) -> dict:

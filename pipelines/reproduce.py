@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from pipelines.claims import check_claims, claims  # noqa: E402
 from pipelines.configs import CONFIG_DIR, ROOT, command_line, compose_config, group_config  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
+from pipelines.plots import save_figure  # noqa: E402
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.machine import describe, summary  # noqa: E402
@@ -422,9 +423,7 @@ def plot_gfid_against_throughput(rows: list[dict], out: Path) -> None:
     axis.set_xlabel("end-to-end images/s (DiT sampling + decoding)")
     axis.set_ylabel("gFID, 95% interval (lower is better)")
     axis.set_title("gFID vs throughput")
-    figure.tight_layout()
-    figure.savefig(out / "gfid_vs_throughput.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "gfid_vs_throughput.png")
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -443,9 +442,7 @@ def plot(rows: list[dict], out: Path) -> None:
     axis.set_xticks(sorted({int(n) for row in rows for n in row["rfid_by_nfe"]}))
     axis.legend(fontsize=8)
     axis.set_title("rFID vs decoder steps")
-    figure.tight_layout()
-    figure.savefig(out / "rfid_vs_nfe.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "rfid_vs_nfe.png")
 
 
 def machine() -> str:
