@@ -108,7 +108,8 @@ def run_of(cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
     """One training seed's record: its reconstruction numbers (intervals over the images) and per-image file."""
     from stage1_tokenizer.reconstruct import per_image_path
 
-    return {"seed": cfg.seed, **{key: reconstruction[key] for key in ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "subset")},
+    kept = ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "subset")
+    return {"seed": cfg.seed, **{key: reconstruction[key] for key in kept},
             "files": {"per_image": str(per_image_path(pipeline.folder("reconstruct"), cfg.decode.nfe))}}
 
 
@@ -167,8 +168,8 @@ def render_table(rows: list[dict], changes: list[dict], baselines: list[dict], v
                      f"{cell(row, 'psnr', '.2f')} | {change_cell(change, 'rfid') if change else '—'} | "
                      f"{change['verdict'] if change else '—'} | {paper.get('rfid', '—')} |")
     for row in baselines:
-        lines.append(f"| {row['label']} (baseline) | — | {cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | — | — | "
-                     f"{row['paper'].get('rfid', '—')} |")
+        lines.append(f"| {row['label']} (baseline) | — | {cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | — | "
+                     f"— | {row['paper'].get('rfid', '—')} |")
     lines += ["", f"The top of the ladder ({rows[-1]['label']}) against each baseline, paired on the same images; "
               "the verdict on the paper's claim that it reconstructs better (lower rFID):", "",
               "| baseline | rFID change | PSNR change | verdict |", "|---|---|---|---|"]

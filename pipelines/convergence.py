@@ -142,12 +142,12 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
               "The level is the baseline's gFID at its last checkpoint; each row's steps to reach it are "
               "interpolated linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). "
               "Ratio: ours' steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval "
-              "comes from resamples of the samples shared by every checkpoint of a row; ∞ where ours does not reach the "
-              "level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
+              "comes from resamples of the samples shared by every checkpoint of a row; ∞ where ours does not reach "
+              "the level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
               "the interval lies below 1, contradicted where above, inconclusive otherwise. No training-seed "
               "variance: one DiT per row.", "",
-              "| ours vs baseline | level (baseline's last gFID) | steps to it: ours / baseline | ratio [95% interval] | "
-              "resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
+              "| ours vs baseline | level (baseline's last gFID) | steps to it: ours / baseline | "
+              "ratio [95% interval] | resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
     for item in comparisons:
         reached = "not reached" if item["steps"] is None else (
             f"≤ {item['steps']:,.0f} (the first checkpoint)" if item["at_first_budget"] else f"{item['steps']:,.0f}")
@@ -204,7 +204,8 @@ def main(cfg: DictConfig) -> dict:
     pipelines = {}
     for entry in preset["tokenizers"]:  # in order: a row may take the tokenizer a row above it trains
         slug = entry["slug"]
-        pipelines[slug] = Pipeline(OmegaConf.merge(configs[slug], {"pipeline": {"steps": ["tokenizer", "cache", "ldm"]}}))
+        pipelines[slug] = Pipeline(OmegaConf.merge(configs[slug],
+                                                   {"pipeline": {"steps": ["tokenizer", "cache", "ldm"]}}))
         if cfg.reproduce.train:
             print(f"== {entry['label']} ({configs[slug].name}): a DiT of {budgets[-1]:,} steps", flush=True)
             pipelines[slug].run()
@@ -237,8 +238,8 @@ def main(cfg: DictConfig) -> dict:
     (out / "convergence.md").write_text(render(rows, comparisons, floor, meta))
     plot(rows, comparisons, floor, out)
     for row in rows:
-        for measured in row["measurements"]:
-            if Path(measured["grid"]).is_file():
-                shutil.copyfile(measured["grid"], out / grid_name(row["slug"], measured["steps"]))
+        for measurement in row["measurements"]:
+            if Path(measurement["grid"]).is_file():
+                shutil.copyfile(measurement["grid"], out / grid_name(row["slug"], measurement["steps"]))
     print((out / "convergence.md").read_text())
     return results
