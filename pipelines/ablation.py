@@ -40,7 +40,7 @@ from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import (  # noqa: E402
-    cell, check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
+    average_over_seeds, cell, check_only, chosen_preset, machine, results_folder, run_config, run_legacy_command)
 from shared.errors import ConfigError  # noqa: E402
 from shared.metrics.intervals import format_interval, verdict  # noqa: E402
 from stage1_tokenizer.reconstruct import reconstruct  # noqa: E402
@@ -114,14 +114,12 @@ def run_of(cfg, reconstruction: dict, pipeline: Pipeline) -> dict:
 
 
 def row_of(rung: dict, cfg, runs: list[dict]) -> dict:
-    """A rung's row: the first run's record; with several runs, rFID and PSNR are the means over them, and the
-    intervals over the images are each run's own (under "runs")."""
+    """A rung's row: the first run's record; with several runs, rFID and PSNR are the means over them (with their
+    spread over seeds), and the intervals over the images are each run's own (under "runs")."""
     row = {"label": rung["label"], "slug": rung["slug"], "nfe": cfg.decode.nfe, "paper": rung.get("paper", {}),
            "tokenizer": OmegaConf.to_container(cfg.tokenizer, resolve=True), **runs[0], "runs": runs}
     if len(runs) > 1:
-        for key in ("rfid", "psnr"):
-            row[key] = float(np.mean([run[key] for run in runs]))
-            del row[f"{key}_ci95"]
+        average_over_seeds(row, runs, ("rfid", "psnr"))
         del row["seed"]
     return row
 

@@ -39,7 +39,8 @@ from pipelines.reproduce import machine, open_preset, run_config  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
-from shared.metrics.intervals import format_interval, log_step_trend, normal_interval, verdict  # noqa: E402
+from shared.metrics.intervals import (  # noqa: E402
+    bootstrap_counts, format_interval, log_step_trend, normal_interval, verdict)
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
 from stage1_tokenizer.reconstruct import per_image_path, reconstruct  # noqa: E402
 
@@ -83,8 +84,7 @@ def image_replicates(ours: list[dict], base: list[dict], metric: str, resamples:
         raise ConfigError("the budgets were reconstructed on different images: give every row the same "
                           "reconstruct.num_images and evaluate.subset_seed")
     generator = np.random.default_rng(seed)
-    counts = np.stack([generator.multinomial(len(index), np.full(len(index), 1 / len(index)))
-                       for _ in range(resamples)])  # (R, N)
+    counts = np.stack([bootstrap_counts(len(index), generator) for _ in range(resamples)])  # (R, N)
     if metric != "rfid":
         differences = np.stack([o[metric] - b[metric] for o, b in zip(*loaded)])  # (K, N)
         return differences.mean(axis=1), counts @ differences.T / len(index)

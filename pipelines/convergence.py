@@ -47,7 +47,7 @@ from pipelines.reproduce import compression, machine, open_preset, real_data_flo
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
-from shared.metrics.intervals import format_interval, steps_to_match, verdict  # noqa: E402
+from shared.metrics.intervals import bootstrap_counts, format_interval, steps_to_match, verdict  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
 
 
@@ -64,27 +64,21 @@ def dit_checkpoint(pipeline: Pipeline, steps: int) -> Path:
     return CheckpointDir(pipeline.folder("ldm") / "checkpoints").path(steps)
 
 
-def training_loss(pipeline: Pipeline, steps: int) -> float | None:
-    """The mean DiT training loss logged in (steps / 2, steps]."""
+def logged_losses(pipeline: Pipeline) -> list[tuple[int, float]]:
+    """(step, loss) of every row the DiT's training logged."""
     log = pipeline.folder("ldm") / "metrics.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    losses = [row["loss"] for row in rows if "loss" in row and steps / 2 < row["step"] <= steps]
-    return float(np.mean(losses)) if losses else None
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
 
 
-def measure(pipeline: Pipeline, steps: int) -> dict:
-    """Sample and evaluate the DiT checkpoint after `steps` steps, each in its own step folder."""
-    from shared.metrics.evaluate import evaluate_to_folder
-    from stage2_ldm.sample import sample_to_folder
-
-    cfg, checkpoint = pipeline.cfg, dit_checkpoint(pipeline, steps)
-    tokenizer = pipeline.result("tokenizer")["checkpoint"]
-    samples = pipeline.run_step(f"dit_{steps}_sample",
-                                lambda folder: sample_to_folder(cfg, checkpoint, tokenizer, out_dir=folder))
-    evaluation = pipeline.run_step(f"dit_{steps}_evaluate",
-                                   lambda folder: evaluate_to_folder(cfg, samples["samples"], run_dir=folder))
+def measure(pipeline: Pipeline, steps: int, losses: list[tuple[int, float]]) -> dict:
+    """Sample and evaluate the DiT checkpoint after `steps` steps, each in its own step folder; its training loss is
+    the mean of `losses` (logged_losses) in (steps / 2, steps]."""
+    samples, evaluation = pipeline.sample_and_evaluate(pipeline.cfg, dit_checkpoint(pipeline, steps),
+                                                       f"dit_{steps}_sample", f"dit_{steps}_evaluate")
+    near = [loss for step, loss in losses if steps / 2 < step <= steps]
     return {"steps": steps, "gfid": evaluation["fid"], "gfid_ci95": evaluation["fid_ci95"],
-            "loss": training_loss(pipeline, steps), "samples": samples["num_samples"],
+            "loss": float(np.mean(near)) if near else None, "samples": samples["num_samples"],
             "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"),
             "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
 
@@ -111,7 +105,7 @@ def compare(ours: dict, base: dict, resamples: int, seed: int) -> dict:
                           f"evaluated against different references: give both the same sample and evaluate settings")
     (size,) = sizes
     generator = np.random.default_rng(seed)
-    counts = np.stack([generator.multinomial(size, np.full(size, 1 / size)) for _ in range(resamples)])
+    counts = np.stack([bootstrap_counts(size, generator) for _ in range(resamples)])  # (R, samples)
     estimate = lambda row: np.array([measured["gfid"] for measured in row["measurements"]])  # noqa: E731
     found = steps_to_match(steps, estimate(ours), estimate(base), gfid_replicates(ours, counts),
                            gfid_replicates(base, counts))
@@ -215,9 +209,12 @@ def main(cfg: DictConfig) -> dict:
     if len(measured) < 2:
         raise ConfigError(f"fewer than two of the DiT checkpoints {budgets} exist in every row: run without "
                           f"reproduce.train=false to train them")
-    rows = [{"label": entry["label"], "slug": entry["slug"], "compression": compression(pipelines[entry["slug"]].cfg),
-             "measurements": [measure(pipelines[entry["slug"]], steps) for steps in measured]}
-            for entry in preset["tokenizers"]]
+    rows = []
+    for entry in preset["tokenizers"]:
+        pipeline = pipelines[entry["slug"]]
+        losses = logged_losses(pipeline)
+        rows.append({"label": entry["label"], "slug": entry["slug"], "compression": compression(pipeline.cfg),
+                     "measurements": [measure(pipeline, steps, losses) for steps in measured]})
     by_slug = {row["slug"]: row for row in rows}
     first = next(iter(pipelines.values())).cfg
     comparisons = []

@@ -151,6 +151,20 @@ class Pipeline:
 
         return evaluate_to_folder(self.cfg, self.result("sample")["samples"], run_dir=folder)
 
+    def sample_and_evaluate(self, cfg: DictConfig, ldm_checkpoint: str | Path, sample_step: str,
+                            evaluate_step: str) -> tuple[dict, dict]:
+        """(sample result, evaluate result) of the DiT at `ldm_checkpoint` sampled with the settings of `cfg`,
+        decoded by this run's tokenizer and evaluated, in the step folders `sample_step` and `evaluate_step` (a
+        guidance scale or a kept checkpoint measured beside the main steps)."""
+        from shared.metrics.evaluate import evaluate_to_folder
+        from stage2_ldm.sample import sample_to_folder
+
+        tokenizer = self.result("tokenizer")["checkpoint"]
+        samples = self.run_step(sample_step, lambda folder: sample_to_folder(cfg, ldm_checkpoint, tokenizer,
+                                                                             out_dir=folder))
+        return samples, self.run_step(evaluate_step, lambda folder: evaluate_to_folder(cfg, samples["samples"],
+                                                                                       run_dir=folder))
+
     def run(self) -> dict:
         """Every configured step (finished ones are skipped), then the report."""
         self.check_config()

@@ -243,20 +243,12 @@ def resolution_sweep(cfg, pipeline: Pipeline, resolutions: list[int]) -> dict[in
 def guidance_sweep(cfg, pipeline: Pipeline, scales: list[float]) -> dict[float, dict]:
     """The DiT sampled again at each classifier-free guidance scale and evaluated against the same reference:
     {scale: the evaluate stage's result}, each sample and evaluate stage in its own folder."""
-    from shared.metrics.evaluate import evaluate_to_folder
-    from stage2_ldm.sample import sample_to_folder
-
     if not scales:
         return {}
-    ldm, tokenizer = pipeline.result("ldm")["checkpoint"], pipeline.result("tokenizer")["checkpoint"]
-    results = {}
-    for scale in scales:
-        guided = OmegaConf.merge(cfg, {"sample": {"cfg_scale": scale}})
-        samples = pipeline.run_step(f"sample_cfg{scale:g}",
-                                    lambda folder: sample_to_folder(guided, ldm, tokenizer, out_dir=folder))
-        results[scale] = pipeline.run_step(f"evaluate_cfg{scale:g}", lambda folder: evaluate_to_folder(
-            guided, samples["samples"], run_dir=folder))
-    return results
+    ldm = pipeline.result("ldm")["checkpoint"]
+    return {scale: pipeline.sample_and_evaluate(OmegaConf.merge(cfg, {"sample": {"cfg_scale": scale}}), ldm,
+                                                f"sample_cfg{scale:g}", f"evaluate_cfg{scale:g}")[1]
+            for scale in scales}
 
 
 def run_record(cfg, pipeline: Pipeline, report: dict, sweep: dict[int, dict], resolutions: dict[int, dict],
@@ -298,6 +290,17 @@ RECONSTRUCTION_KEYS = ("rfid", "rfid_ci95", "psnr", "psnr_ci95", "lpips", "lpips
 SEED_AVERAGED = ("rfid", "psnr", "lpips", "gfid", "noise_std", "seed_mean_psnr", "chroma_hf_ratio")
 
 
+def average_over_seeds(row: dict, runs: list[dict], keys) -> None:
+    """In `row`, its first run's record, each of `keys` that every run measured becomes its mean over the runs, with
+    its standard deviation over seeds beside it (`<key>_seed_std`); the first run's interval over the images goes,
+    as it is not the mean's."""
+    for key in keys:
+        values = [run[key] for run in runs if run.get(key) is not None]
+        if len(values) == len(runs):
+            row[key], row[f"{key}_seed_std"] = float(np.mean(values)), float(np.std(values, ddof=1))
+            row.pop(f"{key}_ci95", None)
+
+
 def row_of(entry: dict, cfg, runs: list[dict]) -> dict:
     """A row of the table: the first run's record (its intervals are over the images), the mean over the runs of
     each SEED_AVERAGED number and its standard deviation over seeds, and every run under "runs"."""
@@ -306,11 +309,7 @@ def row_of(entry: dict, cfg, runs: list[dict]) -> dict:
            "latent_shape": [cfg.tokenizer.latent_channels, cfg.data.resolution // cfg.tokenizer.downsample,
                             cfg.data.resolution // cfg.tokenizer.downsample], **runs[0], "runs": runs}
     if len(runs) > 1:
-        for key in SEED_AVERAGED:
-            values = [run[key] for run in runs if run.get(key) is not None]
-            if len(values) == len(runs):
-                row[key], row[f"{key}_seed_std"] = float(np.mean(values)), float(np.std(values, ddof=1))
-                row.pop(f"{key}_ci95", None)  # the first run's interval over the images is not the mean's
+        average_over_seeds(row, runs, SEED_AVERAGED)
         row["wall_seconds"] = {step: sum(run["wall_seconds"].get(step, 0.0) for run in runs)
                                for step in runs[0]["wall_seconds"]}
     return row

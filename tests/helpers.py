@@ -43,6 +43,18 @@ def tiny_tokenizer_and_cache(root: Path, overrides: list[str]) -> tuple[Path, Pa
     return checkpoint, root / "cache"
 
 
+def tiny_preset_command(tmp_path: Path, stage: str, name: str, text: str) -> tuple[list[str], Path]:
+    """(command line, results folder) of `stage` on the preset `name`, written from the YAML `text` where Hydra
+    finds it; its runs and results go under tmp_path, on the CPU, quietly."""
+    folder = tmp_path / "presets" / "reproduce"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text)
+    out = tmp_path / "results"
+    return [f"stage={stage}", f"reproduce={name}", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
+            f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
+            "device=cpu"], out
+
+
 def load_config(overrides: list[str], output_root: Path | None = None) -> DictConfig:
     """The config `pipelines/run.py` would see for these overrides."""
     cfg = compose_config(overrides)

@@ -7,7 +7,7 @@ from pipelines import ablation
 from pipelines.configs import group_config
 from shared.errors import ConfigError
 from shared.runtime import finished_result
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_preset_command
 
 
 def test_the_ladder_presets_rungs_accumulate_their_changes():
@@ -72,8 +72,7 @@ def test_a_decode_only_rung_has_the_seeds_of_the_rung_whose_tokenizers_it_decode
 
 @pytest.mark.slow
 def test_a_tiny_ladder_runs_end_to_end_and_reuses_the_tokenizer_of_a_decode_only_rung(tmp_path):
-    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
-    (tmp_path / "presets" / "reproduce" / "tiny.yaml").write_text("""
+    command, out = tiny_preset_command(tmp_path, "ablation", "tiny", """
 experiment: smoke
 tokenizer: epsvae_tiny
 common: {data.train_size: 64, data.val_size: 24, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
@@ -88,10 +87,7 @@ rungs:
 baselines:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0, 1], paper: {rfid: 11.15}, overrides: []}
 """)
-    out = tmp_path / "results"
-    run_cli("stage=ablation", "reproduce=tiny", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
-            f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false", "device=cpu",
-            timeout=1800)
+    run_cli(*command, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     assert [row["slug"] for row in results["rows"]] == ["ddpm", "flow", "grid"]
     assert [row["nfe"] for row in results["rows"]] == [4, 2, 1]

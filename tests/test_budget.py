@@ -6,7 +6,7 @@ import pytest
 
 from pipelines.configs import group_config
 from shared.train.checkpoint import CheckpointDir
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_preset_command
 
 
 def test_budget32_trains_fair32s_headline_pair_with_fair32s_recipe():
@@ -19,8 +19,7 @@ def test_budget32_trains_fair32s_headline_pair_with_fair32s_recipe():
 
 @pytest.mark.slow
 def test_a_tiny_budget_study_keeps_each_budget_and_measures_the_trend(tmp_path):
-    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
-    (tmp_path / "presets" / "reproduce" / "tiny_budget.yaml").write_text("""
+    command, out = tiny_preset_command(tmp_path, "budget", "tiny_budget", """
 experiment: smoke
 common: {data.train_size: 64, data.val_size: 20, tokenizer.train.batch_size: 8, tokenizer.train.sample_every: 100,
          tokenizer.train.ckpt_every: 100, tokenizer.train.log_every: 1, reconstruct.num_images: 20,
@@ -32,10 +31,6 @@ budget_steps: [2, 3, 5]
 compare: {baseline: vae, ours: eps}
 psnr_target: 40.0
 """)
-    out = tmp_path / "results"
-    command = ["stage=budget", "reproduce=tiny_budget", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
-               f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
-               "device=cpu"]
     run_cli(*command, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     folder = tmp_path / "pipeline" / "reproduce_tiny_budget_eps_s0"

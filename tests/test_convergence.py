@@ -7,7 +7,7 @@ from pipelines.configs import group_config
 from pipelines.reproduce import run_config
 from shared.runtime import finished_result
 from shared.train.checkpoint import CheckpointDir
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_preset_command
 
 
 def test_dgae32_compares_half_channels_at_fair32s_recipe_and_reuses_fair32s_tokenizers():
@@ -42,8 +42,7 @@ def test_dit_long32_trains_fair32s_dit_longer_on_fair32s_vae_f4_and_samples_with
 
 @pytest.mark.slow
 def test_a_tiny_convergence_study_measures_every_kept_dit_checkpoint(tmp_path):
-    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
-    (tmp_path / "presets" / "reproduce" / "tiny_conv.yaml").write_text("""
+    command, out = tiny_preset_command(tmp_path, "convergence", "tiny_conv", """
 experiment: smoke
 common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 3, tokenizer.train.batch_size: 8,
          tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
@@ -60,10 +59,6 @@ convergence:
   - {baseline: vae, ours: dgae}
   - {baseline: vae, ours: again}
 """)
-    out = tmp_path / "results"
-    command = ["stage=convergence", "reproduce=tiny_conv", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
-               f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
-               "device=cpu"]
     run_cli(*command, timeout=1800)
     results = json.loads((out / "convergence.json").read_text())
     for slug in ("vae", "dgae", "again"):

@@ -6,7 +6,7 @@ import pytest
 from pipelines import pilot
 from pipelines.configs import group_config
 from shared.runtime import finished_result
-from tests.helpers import run_cli
+from tests.helpers import run_cli, tiny_preset_command
 
 DECODE_GRID = {"grid": ["uniform", "reversed_log"], "nfe": [1, 2, 3], "use_ema": [True, False]}
 
@@ -53,8 +53,7 @@ def test_the_fair32_pilot_varies_gamma_and_learning_rate_for_both_decoder_kinds(
 
 @pytest.mark.slow
 def test_a_tiny_pilot_trains_measures_and_chooses(tmp_path):
-    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
-    (tmp_path / "presets" / "reproduce" / "tiny_pilot.yaml").write_text("""
+    command, out = tiny_preset_command(tmp_path, "pilot", "tiny_pilot", """
 experiment: smoke
 common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
          tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 20,
@@ -64,10 +63,7 @@ tokenizers:
   - {label: "eps", slug: eps, tokenizer: epsvae_tiny, overrides: [tokenizer.flow.gamma=1.0]}
 decode_grid: {grid: [uniform, reversed_log], nfe: [1], use_ema: [true, false]}
 """)
-    out = tmp_path / "results"
-    run_cli("stage=pilot", "reproduce=tiny_pilot", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
-            f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false", "device=cpu",
-            timeout=1800)
+    run_cli(*command, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     vae, eps = results["rows"]
     assert [m["weights"] for m in vae["measurements"]] == ["EMA", "raw"]

@@ -11,7 +11,7 @@ from pipelines.configs import group_config
 from shared.errors import ConfigError
 from shared.metrics.fid import save_statistics
 from shared.runtime import finished_result
-from tests.helpers import load_config, run_cli
+from tests.helpers import load_config, run_cli, tiny_preset_command
 
 
 def row(tmp_path, slug, psnr_offset, sample_shift, total, rfid_by_nfe, reference="reference.npz"):
@@ -257,8 +257,7 @@ def test_the_older_command_line_becomes_the_stage_s(tmp_path):
 
 @pytest.mark.slow
 def test_a_tiny_reproduction_runs_as_a_stage_and_tabulates_its_claims(tmp_path):
-    (tmp_path / "presets" / "reproduce").mkdir(parents=True)
-    (tmp_path / "presets" / "reproduce" / "tiny.yaml").write_text("""
+    arguments, out = tiny_preset_command(tmp_path, "reproduce", "tiny", """
 experiment: smoke
 common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
          tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
@@ -272,10 +271,6 @@ nfe_sweep: [1, 2]
 claims:
   equal_compression: {baseline: vae, ours: eps}
 """)
-    out = tmp_path / "results"
-    arguments = ["stage=reproduce", "reproduce=tiny", f"hydra.searchpath=[file://{tmp_path / 'presets'}]",
-                 f"reproduce.out={out}", f"output_root={tmp_path}", "wandb.mode=disabled", "progress=false",
-                 "device=cpu"]
     run_cli(*arguments, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     assert [row["slug"] for row in results["rows"]] == ["vae", "eps"]

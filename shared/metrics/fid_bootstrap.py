@@ -24,7 +24,7 @@ import torch
 
 from shared.errors import DataError
 from shared.metrics.fid import frechet_distance
-from shared.metrics.intervals import normal_interval
+from shared.metrics.intervals import bootstrap_counts, normal_interval
 
 DEFAULT_RESAMPLES = 200
 
@@ -105,7 +105,7 @@ class FrechetBootstrap:
 
     def resample(self, generator: np.random.Generator) -> torch.Tensor:
         """Counts (n,) of a bootstrap resample: n images drawn with replacement."""
-        return torch.as_tensor(generator.multinomial(self.n, np.full(self.n, 1 / self.n)), dtype=torch.float64)
+        return torch.as_tensor(bootstrap_counts(self.n, generator), dtype=torch.float64)
 
     def spread(self, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
         """{"fid", "std", "ci95", "resamples"}: the FID, the standard deviation of its bootstrap values and the

@@ -218,6 +218,20 @@ def replicate_evaluation_variance(replicate_differences) -> float:
     return float(replicates.mean(axis=0).var(ddof=1))
 
 
+def bootstrap_counts(n: int, generator: np.random.Generator) -> np.ndarray:
+    """Counts (n,) of one bootstrap resample: n items drawn with replacement."""
+    return generator.multinomial(n, np.full(n, 1 / n))
+
+
+def order_statistic_interval(log2_values, confidence: float = CONFIDENCE) -> list[float]:
+    """[2^low, 2^high]: the order statistics at the tails of `log2_values` (resamples' log2 step counts or ratios,
+    some possibly ±inf), not interpolated between them: between a finite value and an infinite one there is none."""
+    values = np.asarray(log2_values, dtype=np.float64)
+    tail = (1 - confidence) / 2
+    return [float(2 ** np.quantile(values, tail, method="lower")),
+            float(2 ** np.quantile(values, 1 - tail, method="higher"))]
+
+
 def log_step_trend(steps, estimates, replicates, confidence: float = CONFIDENCE) -> dict:
     """The least-squares line of `estimates` (K,), a difference (ours − baseline) measured after `steps` (K,) training
     steps, on x = log2(steps); `replicates` (R, K) the same difference on R image resamples, resample r drawn once
@@ -255,16 +269,11 @@ def log_step_trend(steps, estimates, replicates, confidence: float = CONFIDENCE)
     slope_std = float(slopes.std(ddof=1))
     quantile = stats.norm.ppf((1 + confidence) / 2)
     ahead = crossing(estimates)
-    crossings = np.sort([crossing(values) for values in replicates])
-    tail = (1 - confidence) / 2
-    # Order statistics, not interpolated between them: between a finite crossing and an infinite one there is none.
-    bounds = [float(2 ** np.quantile(crossings, tail, method="lower")),
-              float(2 ** np.quantile(crossings, 1 - tail, method="higher"))]
+    bounds = order_statistic_interval([crossing(values) for values in replicates], confidence)
     return {"slope": slope, "slope_ci95": [slope - quantile * slope_std, slope + quantile * slope_std],
             "slope_std": slope_std, "at_last": float(estimates.mean() + slope * centred[-1]),
             "crossing_steps": None if math.isinf(ahead) else float(2 ** ahead), "crossing_ci95": bounds,
             "replicates": len(replicates)}
-
 
 
 def steps_to_reach(steps, values, level: float) -> float:
@@ -312,11 +321,8 @@ def steps_to_match(steps, ours, baseline, ours_replicates, baseline_replicates,
 
     level = float(baseline[-1])
     ahead, base_ahead = steps_to_reach(steps, ours, level), steps_to_reach(steps, baseline, level)
-    log_ratios = np.sort([log_ratio(o, b) for o, b in zip(ours_replicates, baseline_replicates)])
-    tail = (1 - confidence) / 2
-    # Order statistics, not interpolated between them: between a finite ratio and an infinite one there is none.
-    bounds = [float(2 ** np.quantile(log_ratios, tail, method="lower")),
-              float(2 ** np.quantile(log_ratios, 1 - tail, method="higher"))]
+    log_ratios = np.array([log_ratio(o, b) for o, b in zip(ours_replicates, baseline_replicates)])
+    bounds = order_statistic_interval(log_ratios, confidence)
     return {"level": level, "steps": None if math.isinf(ahead) else float(2 ** ahead),
             "baseline_steps": float(2 ** base_ahead), "ratio": float(2 ** (ahead - base_ahead)),
             "ratio_ci95": bounds, "reached": float(np.isfinite(log_ratios).mean()),
