@@ -14,7 +14,8 @@ every budget and both rows; one run per row, so they hold no training-seed varia
 on the baseline at the largest budget.
 
 `reproduce.train=false` trains nothing: it measures and tabulates the budgets whose checkpoints exist in every row,
-so a trend can be read while its runs go on. Writes results/<PRESET>/ (or reproduce.out): table.md, results.json,
+so a trend can be read while its runs go on: the table is then marked partial, and the PSNR target stays pending
+until the largest budget is measured. Writes results/<PRESET>/ (or reproduce.out): table.md, results.json,
 budget_metrics.png (each row against log steps) and budget_difference.png (the differences and their lines).
 """
 from __future__ import annotations
@@ -116,6 +117,14 @@ def compare(ours: dict, base: dict, resamples: int, seed: int) -> dict[str, dict
     return result
 
 
+def psnr_target(base: dict, db: float, steps: int) -> dict:
+    """Whether the baseline reaches `db` dB PSNR at the largest budget `steps`: reached true or false once that
+    budget is measured, null (with the latest budget's PSNR) while the run is still short of it."""
+    latest = base["measurements"][-1]
+    return {"db": db, "steps": steps, "latest_steps": latest["steps"], "psnr": latest["psnr"],
+            "psnr_ci95": latest["psnr_ci95"], "reached": latest["psnr"] >= db if latest["steps"] == steps else None}
+
+
 def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: dict) -> str:
     ours, base = meta["ours"], meta["baseline"]
     subset = rows[0]["measurements"][0]["subset"]
@@ -127,8 +136,13 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
              f"{subset['images']} {subset['split']} images ({subset['selection']}). Brackets are 95% intervals over "
              f"the images (rFID ± 1.96 bootstrap standard deviations, the rest Student t); they hold no "
              f"training-seed variance. LPIPS is VGG; noise σ is the per-pixel deviation between two decodes of the "
-             f"same latents (grey levels).", "",
-             "| row | steps | rFID | PSNR | LPIPS (VGG) | noise σ | seed-mean PSNR |", "|---|---|---|---|---|---|---|"]
+             f"same latents (grey levels).", ""]
+    if meta["partial"]:
+        lines += [f"**Partial**: measured at {', '.join(f'{b:,}' for b in meta['measured_budgets'])} of the preset's "
+                  f"budgets {', '.join(f'{b:,}' for b in meta['budgets'])} steps; the rest have no checkpoint in every "
+                  f"row yet (the runs resume when the command is rerun without reproduce.train=false).", ""]
+    lines += ["| row | steps | rFID | PSNR | LPIPS (VGG) | noise σ | seed-mean PSNR |",
+              "|---|---|---|---|---|---|---|"]
     for row in rows:
         for m in row["measurements"]:
             lines.append(f"| {row['label']} | {m['steps']:,} | {format_interval(m['rfid'], m['rfid_ci95'])} | "
@@ -159,8 +173,10 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
                      f"{trend['verdict']} | {trend['at_last']:{spec[metric]}} | {crossing} |")
     if target is not None:
         lines += ["", f"## Target: {base} PSNR ≥ {target['db']} dB at {target['steps']:,} steps", "",
-                  f"Measured {format_interval(target['psnr'], target['psnr_ci95'], '.2f')} dB: "
-                  f"{'reached' if target['reached'] else 'not reached'}."]
+                  f"Measured {format_interval(target['psnr'], target['psnr_ci95'], '.2f')} dB at "
+                  f"{target['latest_steps']:,} steps: " + (
+                      "not measured yet at the target's budget." if target["reached"] is None
+                      else "reached." if target["reached"] else "not reached.")]
     return "\n".join(lines) + "\n"
 
 
@@ -233,14 +249,12 @@ def main(cfg: DictConfig) -> dict:
     ours, base = by_slug[roles["ours"]], by_slug[roles["baseline"]]
     run_cfg = configs[base["slug"]]
     comparison = compare(ours, base, run_cfg.evaluate.bootstrap, run_cfg.evaluate.subset_seed)
-    last = base["measurements"][-1]
-    target = None if "psnr_target" not in preset else {
-        "db": preset["psnr_target"], "steps": last["steps"], "psnr": last["psnr"], "psnr_ci95": last["psnr_ci95"],
-        "reached": last["psnr"] >= preset["psnr_target"]}
+    target = None if "psnr_target" not in preset else psnr_target(base, preset["psnr_target"], budgets[-1])
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "compute_minutes": sum(sum(row["wall_seconds"].values()) for row in rows) / 60,
-            "budgets": budgets, "measured_budgets": measured, "ours": ours["label"], "baseline": base["label"],
+            "budgets": budgets, "measured_budgets": measured, "partial": measured != budgets,
+            "ours": ours["label"], "baseline": base["label"],
             "budget": f"{run_cfg.tokenizer.train.batch_size} images per step at {run_cfg.data.resolution} px"}
     results = {"meta": meta, "rows": rows, "comparison": comparison, "psnr_target": target}
     (out / "results.json").write_text(json_text(results))

@@ -51,7 +51,19 @@ psnr_target: 40.0
     assert results["psnr_target"]["steps"] == 5 and results["psnr_target"]["reached"] is False
     table = (out / "table.md").read_text()
     assert "Target: VAE PSNR ≥ 40.0 dB at 5 steps" in table and (out / "budget_difference.png").is_file()
+    assert not results["meta"]["partial"] and "Partial" not in table
     # reproduce.train=false tabulates what exists, training nothing, with the same numbers
     again = run_cli(*command, "reproduce.train=false", timeout=600)
     assert "== " not in again.stdout
     assert json.loads((out / "results.json").read_text())["comparison"]["psnr"]["by_budget"] == psnr["by_budget"]
+    # a row still short of its largest budget: the budgets measured so far, marked partial, the target pending
+    last = CheckpointDir(folder / "tokenizer" / "checkpoints").path(5)
+    last.rename(last.with_suffix(".moved"))
+    run_cli(*command, "reproduce.train=false", timeout=600)
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["meta"]["partial"] and partial["meta"]["measured_budgets"] == [2, 3]
+    assert partial["psnr_target"]["steps"] == 5 and partial["psnr_target"]["latest_steps"] == 3
+    assert partial["psnr_target"]["reached"] is None
+    table = (out / "table.md").read_text()
+    assert "**Partial**: measured at 2, 3 of the preset's budgets 2, 3, 5 steps" in table
+    assert "dB at 3 steps: not measured yet at the target's budget." in table
