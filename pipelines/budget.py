@@ -42,7 +42,7 @@ from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import (  # noqa: E402
     bootstrap_counts, format_interval, log_step_trend, normal_interval, verdict)
-from shared.train.checkpoint import CheckpointDir  # noqa: E402
+from shared.train.checkpoint import CheckpointDir, load_checkpoint  # noqa: E402
 from stage1_tokenizer.reconstruct import per_image_path, reconstruct  # noqa: E402
 
 COMPARED = ("rfid", "psnr", "lpips")  # the differences whose trend is judged
@@ -67,7 +67,9 @@ def measure(cfg: DictConfig, pipeline: Pipeline, steps: int) -> dict:
     """stage=reconstruct of the row's checkpoint after `steps` steps, in its own step folder."""
     checkpoint = checkpoint_of(pipeline, steps)
     result = pipeline.run_step(f"budget_{steps}", lambda folder: reconstruct(cfg, checkpoint, run_dir=folder))
-    return {"steps": steps, **{key: result.get(key) for key in MEASURED},
+    # the training time to this checkpoint, over every invocation (None: written before the loop counted it)
+    train_seconds = load_checkpoint(checkpoint)["counters"].get("train_seconds")
+    return {"steps": steps, **{key: result.get(key) for key in MEASURED}, "train_seconds": train_seconds,
             "per_image": str(per_image_path(pipeline.folder(f"budget_{steps}"), cfg.decode.nfe))}
 
 
@@ -130,8 +132,12 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
     subset = rows[0]["measurements"][0]["subset"]
     lines = [f"# Training budget: {meta['preset']}", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
-             f"Date: {meta['date']}; {meta['compute_minutes']:.1f} min in the runs' steps "
-             f"({meta['wall_minutes']:.1f} min in the last invocation)", "",
+             f"Date: {meta['date']}; {meta['training_minutes']:.1f} min of training to the largest budget measured "
+             f"(the checkpoints' count over every invocation" + (
+                 f"; not counted: {', '.join(meta['training_uncounted'])}, whose checkpoints predate the count"
+                 if meta["training_uncounted"] else "") +
+             f"), {meta['measuring_minutes']:.1f} min of measuring, {meta['wall_minutes']:.1f} min in the last "
+             f"invocation", "",
              f"One training run per row ({meta['budget']}), measured after each budget on the same "
              f"{subset['images']} {subset['split']} images ({subset['selection']}). Brackets are 95% intervals over "
              f"the images (rFID ± 1.96 bootstrap standard deviations, the rest Student t); they hold no "
@@ -141,15 +147,16 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
         lines += [f"**Partial**: measured at {', '.join(f'{b:,}' for b in meta['measured_budgets'])} of the preset's "
                   f"budgets {', '.join(f'{b:,}' for b in meta['budgets'])} steps; the rest have no checkpoint in every "
                   f"row yet (the runs resume when the command is rerun without reproduce.train=false).", ""]
-    lines += ["| row | steps | rFID | PSNR | LPIPS (VGG) | noise σ | seed-mean PSNR |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| row | steps | rFID | PSNR | LPIPS (VGG) | noise σ | seed-mean PSNR | training (min) |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for m in row["measurements"]:
             lines.append(f"| {row['label']} | {m['steps']:,} | {format_interval(m['rfid'], m['rfid_ci95'])} | "
                          f"{format_interval(m['psnr'], m['psnr_ci95'], '.2f')} | "
                          f"{format_interval(m['lpips'], m['lpips_ci95'], '.3f')} | "
                          f"{format_interval(m['noise_std'], m['noise_std_ci95'], '.2f')} | "
-                         f"{format_interval(m['seed_mean_psnr'], None, '.2f')} |")
+                         f"{format_interval(m['seed_mean_psnr'], None, '.2f')} | "
+                         f"{'—' if m['train_seconds'] is None else format(m['train_seconds'] / 60, '.1f')} |")
     lines += ["", f"## {ours} − {base}, by budget", "", "| metric | paper's direction | " +
               " | ".join(f"{b['steps']:,} steps" for b in comparison["rfid"]["by_budget"]) + " |",
               "|---|---|" + "---|" * len(comparison["rfid"]["by_budget"])]
@@ -252,7 +259,10 @@ def main(cfg: DictConfig) -> dict:
     target = None if "psnr_target" not in preset else psnr_target(base, preset["psnr_target"], budgets[-1])
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
-            "compute_minutes": sum(sum(row["wall_seconds"].values()) for row in rows) / 60,
+            "training_minutes": sum(row["measurements"][-1]["train_seconds"] or 0 for row in rows) / 60,
+            "training_uncounted": [row["label"] for row in rows if row["measurements"][-1]["train_seconds"] is None],
+            "measuring_minutes": sum(seconds for row in rows for step, seconds in row["wall_seconds"].items()
+                                     if step.startswith("budget_")) / 60,
             "budgets": budgets, "measured_budgets": measured, "partial": measured != budgets,
             "ours": ours["label"], "baseline": base["label"],
             "budget": f"{run_cfg.tokenizer.train.batch_size} images per step at {run_cfg.data.resolution} px"}

@@ -166,7 +166,7 @@ def train_tokenizer(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                        on_sample=on_sample, progress=cfg.progress)
         runtime.log.info("done: %s", result.checkpoint)
         return runtime.finish({"checkpoint": str(result.checkpoint), "step": result.step,
-                               "nonfinite_steps": result.nonfinite_steps})
+                               "nonfinite_steps": result.nonfinite_steps, "train_seconds": result.train_seconds})
 
 
 def main(cfg: DictConfig) -> dict:

@@ -176,7 +176,8 @@ def train_ldm(cfg: DictConfig, cache_dir: str | Path, tokenizer_checkpoint: str 
                        on_evaluate=training_fid(cfg, config, runtime) if train_cfg.fid_every else None,
                        deepspeed_config=deepspeed_config(cfg), progress=cfg.progress)
         return runtime.finish({"checkpoint": str(result.checkpoint), "step": result.step,
-                               "nonfinite_steps": result.nonfinite_steps, "cache_dir": str(cache_dir),
+                               "nonfinite_steps": result.nonfinite_steps,
+                               "train_seconds": result.train_seconds, "cache_dir": str(cache_dir),
                                "tokenizer_checkpoint": tokenizer_checkpoint})
 
 

@@ -38,6 +38,12 @@ psnr_target: 40.0
     assert CheckpointDir(folder / "tokenizer" / "checkpoints").steps() == [2, 3, 5]
     for row in results["rows"]:
         assert [m["steps"] for m in row["measurements"]] == [2, 3, 5]
+        # each budget carries the training time its checkpoint counted, which grows with the steps
+        seconds = [m["train_seconds"] for m in row["measurements"]]
+        assert 0 < seconds[0] <= seconds[1] <= seconds[2]
+    assert results["meta"]["training_minutes"] == pytest.approx(
+        sum(row["measurements"][-1]["train_seconds"] for row in results["rows"]) / 60)
+    assert results["meta"]["training_uncounted"] == []
     # each budget measured its own checkpoint: the difference moves between budgets
     psnr = results["comparison"]["psnr"]
     estimates = [budget["estimate"] for budget in psnr["by_budget"]]

@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 import safetensors.torch
@@ -90,6 +91,23 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_resumed_run_counts_the_training_time_of_every_invocation(tmp_path):
+    def slow(step):  # the first invocation takes at least 0.05 s per step
+        time.sleep(0.05)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "timed", make_batches=lambda split, s: batches_from(split, s, fail_at=6, on_batch=slow))
+    checkpoints = CheckpointDir(tmp_path / "ldm" / "timed" / "checkpoints")
+    first = torch.load(checkpoints.path(4), weights_only=True)["counters"]["train_seconds"]
+    assert first >= 4 * 0.05
+    runtime, _, result = run(tmp_path, "timed")
+    assert result.train_seconds >= first
+    rows = [json.loads(line) for line in (runtime.run_dir / "metrics.jsonl").read_text().splitlines()]
+    counted = [row["train_seconds"] for row in rows if row["step"] > 4]
+    assert counted == sorted(counted) and counted[0] >= first and counted[-1] == pytest.approx(
+        result.train_seconds, abs=0.5)
+
+
 def test_milestone_checkpoints_are_written_kept_and_change_nothing_else(tmp_path):
     plain_runtime, plain_module, _ = run(tmp_path, "plain")
     runtime, module, _ = run(tmp_path, "milestones", keep_checkpoints=1, keep_steps=(3, 6))
@@ -120,9 +138,10 @@ def test_a_single_file_checkpoint_written_before_the_weights_moved_out_resumes(t
     state = load_checkpoint(checkpoints.path(4))
     for file in checkpoints.directory.iterdir():
         file.unlink()
+    del state["counters"]["train_seconds"]  # nor did it count the training time
     torch.save(state, checkpoints.path(4))  # the old layout: weights, EMA and training state in one file
     old_runtime, old_module, result = run(tmp_path, "old")
-    assert result.step == 12
+    assert result.step == 12 and result.train_seconds is None  # its time before step 4 is unknown
     assert losses_by_step(old_runtime.run_dir) == pytest.approx(losses_by_step(full_runtime.run_dir), abs=0)
     for a, b in zip(full_module.parameters(), old_module.parameters()):
         assert torch.equal(a, b)

@@ -171,6 +171,7 @@ class TrainResult:
     step: int
     checkpoint: Path | None
     nonfinite_steps: int
+    train_seconds: float | None  # over every invocation; None when resumed from a checkpoint that did not count it
 
 
 def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSplit, int], Iterator[dict]],
@@ -194,7 +195,11 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
     ema = EMA(ema_source, loop.ema_decay)
     checkpoints = CheckpointDir(runtime.run_dir / "checkpoints", keep=loop.keep_checkpoints,
                                 keep_steps=loop.keep_steps)
-    counters = {"nonfinite_steps": 0, "nonfinite_in_row": 0, "skipped_images": 0, "overflow_steps": 0}
+    # train_seconds: the wall time of every invocation up to the newest checkpoint (work after a crash's last
+    # checkpoint is redone and not counted), so that a resumed run reports its whole cost; None once a run resumes
+    # from a checkpoint written before the count existed.
+    counters = {"nonfinite_steps": 0, "nonfinite_in_row": 0, "skipped_images": 0, "overflow_steps": 0,
+                "train_seconds": 0.0}
 
     start_step = 0
     state = checkpoints.load_latest()
@@ -207,7 +212,7 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
         fit_weights(ema.model, state["ema"][ema_name], checkpoints.directory)
         start_step = state["step"]
         backend.load_state_dict(state["backend"], checkpoints.directory, start_step)
-        counters.update(state["counters"])
+        counters.update({"train_seconds": None, **state["counters"]})
         if len(state["rng"]) == runtime.world_size:  # on another number of processes, the streams seeded above
             _set_rng_state(state["rng"][runtime.rank])
         runtime.log.info("resumed from %s at step %d", checkpoints.path(start_step), start_step)
@@ -215,9 +220,14 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
     runtime.forget_metrics_after(start_step)
     if start_step >= loop.steps:
         runtime.log.info("already trained for %d steps; nothing to do", start_step)
-        return TrainResult(start_step, checkpoints.latest(), counters["nonfinite_steps"])
+        return TrainResult(start_step, checkpoints.latest(), counters["nonfinite_steps"], counters["train_seconds"])
+    began, seconds_before = time.perf_counter(), counters["train_seconds"]
+
+    def train_seconds() -> float | None:
+        return None if seconds_before is None else round(seconds_before + time.perf_counter() - began, 1)
 
     def save(step: int) -> Path | None:
+        counters["train_seconds"] = train_seconds()
         backend.save_extra(checkpoints.directory, step)
         rng = _gather_rng(runtime)
         if not runtime.is_main:
@@ -294,6 +304,8 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
                 values["images_per_s"] = window["steps"] * split.global_batch / elapsed
                 values.update(nonfinite_steps=counters["nonfinite_steps"],
                               skipped_images=counters["skipped_images"], **split.describe())
+                if seconds_before is not None:
+                    values["train_seconds"] = train_seconds()
                 if backend.loss_scale() is not None:
                     values.update(loss_scale=backend.loss_scale(), overflow_steps=counters["overflow_steps"])
                 runtime.log_metrics(done, values)
@@ -316,4 +328,5 @@ def train(runtime: Runtime, module: TrainModule, make_batches: Callable[[BatchSp
                 raise Preempted(f"received {preemption.signal_name}: saved step {done} in {checkpoints.directory}; "
                                 f"rerun the same command to resume")
     bar.close()
-    return TrainResult(loop.steps, last_checkpoint or checkpoints.latest(), counters["nonfinite_steps"])
+    return TrainResult(loop.steps, last_checkpoint or checkpoints.latest(), counters["nonfinite_steps"],
+                       train_seconds())
