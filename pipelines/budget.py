@@ -168,14 +168,17 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
     lines += ["", "## The trend: the difference's least-squares line on log2 steps", "",
               "A slope in the paper's direction means the gap moves toward the ε-VAE as training grows (verdict on "
               "the slope's interval). The crossing is where the line would reach zero if it held beyond the last "
-              "budget: an extrapolation, not a measurement.", "",
+              f"budget: an extrapolation, not a measurement (beyond {FAR_AHEAD:,} times the last budget it is shown "
+              "as beyond it).", "",
               "| metric | per doubling | verdict | line at the last budget | reaches 0 at (steps) |", "|---|---|---|---|---|"]
+    last = meta["measured_budgets"][-1]
     for metric, compared in comparison.items():
         trend = compared["trend"]
         if trend is None:
             continue
         crossing = "never (moving away)" if trend["crossing_steps"] is None else \
-            f"{trend['crossing_steps']:,.0f} [{_steps(trend['crossing_ci95'][0])}, {_steps(trend['crossing_ci95'][1])}]"
+            f"{steps_label(trend['crossing_steps'], last)} [{steps_label(trend['crossing_ci95'][0], last)}, " \
+            f"{steps_label(trend['crossing_ci95'][1], last)}]"
         lines.append(f"| {metric} | {format_interval(trend['slope'], trend['slope_ci95'], spec[metric])} | "
                      f"{trend['verdict']} | {trend['at_last']:{spec[metric]}} | {crossing} |")
     if target is not None:
@@ -187,8 +190,13 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
     return "\n".join(lines) + "\n"
 
 
-def _steps(value: float) -> str:
-    return "∞" if not np.isfinite(value) else f"{value:,.0f}"
+FAR_AHEAD = 1024  # a crossing this many times the last budget is shown as beyond it: the line says nothing there
+
+
+def steps_label(value: float, last_budget: int) -> str:
+    if not np.isfinite(value):
+        return "∞"
+    return f"> {FAR_AHEAD * last_budget:,}" if value > FAR_AHEAD * last_budget else f"{value:,.0f}"
 
 
 def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:

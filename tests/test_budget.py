@@ -1,9 +1,11 @@
 """stage=budget: the budget32 preset is fair32's headline pair, and a tiny budget study end to end."""
 import json
+import math
 
 import numpy as np
 import pytest
 
+from pipelines.budget import steps_label
 from pipelines.configs import group_config
 from shared.train.checkpoint import CheckpointDir
 from tests.helpers import run_cli, tiny_preset_command
@@ -15,6 +17,12 @@ def test_budget32_trains_fair32s_headline_pair_with_fair32s_recipe():
     headline = {entry["slug"]: {**entry, "seeds": entry["seeds"][:1]} for entry in fair["tokenizers"]}
     assert [entry for entry in budget["tokenizers"]] == [headline["vae_f4"], headline["epsvae_f4"]]
     assert budget["budget_steps"] == sorted(budget["budget_steps"]) and budget["budget_steps"][-1] == 9600
+
+
+def test_a_crossing_far_beyond_the_last_budget_is_shown_as_beyond_it():
+    # a slope near zero puts the line's zero absurdly far ahead: the table says "beyond", not 3e39 steps
+    assert steps_label(3.04e39, 1200) == "> 1,228,800"
+    assert steps_label(21286.4, 1200) == "21,286" and steps_label(math.inf, 1200) == "∞"
 
 
 @pytest.mark.slow
