@@ -170,7 +170,8 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
               "the slope's interval). The crossing is where the line would reach zero if it held beyond the last "
               f"budget: an extrapolation, not a measurement (beyond {FAR_AHEAD:,} times the last budget it is shown "
               "as beyond it).", "",
-              "| metric | per doubling | verdict | line at the last budget | reaches 0 at (steps) |", "|---|---|---|---|---|"]
+              "| metric | per doubling | verdict | line at the last budget | reaches 0 at (steps) |",
+              "|---|---|---|---|---|"]
     last = meta["measured_budgets"][-1]
     for metric, compared in comparison.items():
         trend = compared["trend"]
