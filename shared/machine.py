@@ -30,5 +30,5 @@ def describe(device: torch.device, precision: str = "fp32") -> dict:
 
 def summary(info: dict) -> str:
     """One line of `describe`, for a table's header."""
-    where = info.get("gpu") or f"CPU only, {info['threads']} threads"
+    where = info.get("gpu") or f"CPU only, {info['threads']} thread{'s' if info['threads'] != 1 else ''}"
     return f"{info['cpu']}; {where}; torch {info['torch']}; Python {info['python']}"

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.budget import steps_label
+from pipelines.budget import steps_label, training_time
 from pipelines.configs import group_config
 from shared.train.checkpoint import CheckpointDir
 from tests.helpers import run_cli, tiny_preset_command
@@ -23,6 +23,13 @@ def test_a_crossing_far_beyond_the_last_budget_is_shown_as_beyond_it():
     # a slope near zero puts the line's zero absurdly far ahead: the table says "beyond", not 3e39 steps
     assert steps_label(3.04e39, 1200) == "> 1,228,800"
     assert steps_label(21286.4, 1200) == "21,286" and steps_label(math.inf, 1200) == "∞"
+
+
+def test_the_training_time_says_which_rows_it_leaves_out():
+    meta = {"row_labels": ["VAE", "eps"], "training_minutes": 12.0}
+    assert training_time({**meta, "training_uncounted": []}).startswith("12.0 min of training")
+    assert "not counted: eps, whose checkpoints predate it" in training_time({**meta, "training_uncounted": ["eps"]})
+    assert training_time({**meta, "training_uncounted": ["VAE", "eps"]}).startswith("training time not recorded")
 
 
 @pytest.mark.slow
