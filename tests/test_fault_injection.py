@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 12
 # Values that differ between two runs of the same computation.
-TIMING_KEYS = {"time", "images_per_s"}
+TIMING_KEYS = {"time", "images_per_s", "train_seconds"}
 TOKENIZER = ["stage=tokenizer", "experiment=smoke", "seed=1", "data.train_size=32", "data.val_size=8",
              f"tokenizer.train.steps={STEPS}", "tokenizer.train.batch_size=4", "tokenizer.train.log_every=1",
              "tokenizer.train.ckpt_every=1", "tokenizer.train.sample_every=0", "tokenizer.loss.disc_start=3"]

@@ -29,7 +29,7 @@ TINY = ["experiment=smoke", "data.train_size=64", "data.val_size=16", "tokenizer
         "ldm.train.log_every=1", "ldm.train.ckpt_every=2", "ldm.train.sample_every=0", "cache.shard_size=64",
         "sample.steps=2", "sample.batch_size=4", "sample.shard_size=8", "sample.num_per_class=1", "decode.nfe=1",
         "device=cpu", "progress=false", "wandb.mode=disabled"]
-TIMING_KEYS = {"time", "images_per_s", "world_size", "per_rank_batch", "grad_accum"}
+TIMING_KEYS = {"time", "images_per_s", "train_seconds", "world_size", "per_rank_batch", "grad_accum"}
 
 
 def torchrun(*args: str, timeout: float = 900, script: Path = REPO / "pipelines" / "run.py"
