@@ -68,7 +68,7 @@ def measure(cfg: DictConfig, pipeline: Pipeline, steps: int) -> dict:
     checkpoint = checkpoint_of(pipeline, steps)
     result = pipeline.run_step(f"budget_{steps}", lambda folder: reconstruct(cfg, checkpoint, run_dir=folder))
     # the training time to this checkpoint, over every invocation (None: written before the loop counted it)
-    train_seconds = load_checkpoint(checkpoint)["counters"].get("train_seconds")
+    train_seconds = load_checkpoint(checkpoint, mmap=True)["counters"].get("train_seconds")  # mapped, not read
     return {"steps": steps, **{key: result.get(key) for key in MEASURED}, "train_seconds": train_seconds,
             "per_image": str(per_image_path(pipeline.folder(f"budget_{steps}"), cfg.decode.nfe))}
 
@@ -127,10 +127,10 @@ def psnr_target(base: dict, db: float, steps: int) -> dict:
             "psnr_ci95": latest["psnr_ci95"], "reached": latest["psnr"] >= db if latest["steps"] == steps else None}
 
 
-def training_time(meta: dict) -> str:
-    """The training minutes to the largest budget measured, as the checkpoints counted them."""
+def training_time(meta: dict, row_count: int) -> str:
+    """The training minutes to the largest budget measured, as the checkpoints of the `row_count` rows counted them."""
     uncounted = meta["training_uncounted"]
-    if len(uncounted) == len(meta["row_labels"]):
+    if len(uncounted) == row_count:
         return "training time not recorded (every row's checkpoints predate the loop's count)"
     return (f"{meta['training_minutes']:.1f} min of training to the largest budget measured (the checkpoints' count "
             f"over every invocation" + (f"; not counted: {', '.join(uncounted)}, whose checkpoints predate it"
@@ -142,8 +142,8 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
     subset = rows[0]["measurements"][0]["subset"]
     lines = [f"# Training budget: {meta['preset']}", "", f"Command: `{meta['command']}`  ",
              f"Machine: {meta['machine']}  ",
-             f"Date: {meta['date']}; {training_time(meta)}, {meta['measuring_minutes']:.1f} min of measuring, "
-             f"{meta['wall_minutes']:.1f} min in the last invocation", "",
+             f"Date: {meta['date']}; {training_time(meta, len(rows))}, {meta['measuring_minutes']:.1f} min of "
+             f"measuring, {meta['wall_minutes']:.1f} min in the last invocation", "",
              f"One training run per row ({meta['budget']}), measured after each budget on the same "
              f"{subset['images']} {subset['split']} images ({subset['selection']}). Brackets are 95% intervals over "
              f"the images (rFID ± 1.96 bootstrap standard deviations, the rest Student t); they hold no "
@@ -276,7 +276,6 @@ def main(cfg: DictConfig) -> dict:
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "training_minutes": sum(row["measurements"][-1]["train_seconds"] or 0 for row in rows) / 60,
             "training_uncounted": [row["label"] for row in rows if row["measurements"][-1]["train_seconds"] is None],
-            "row_labels": [row["label"] for row in rows],
             "measuring_minutes": sum(seconds for row in rows for step, seconds in row["wall_seconds"].items()
                                      if step.startswith("budget_")) / 60,
             "budgets": budgets, "measured_budgets": measured, "partial": measured != budgets,
