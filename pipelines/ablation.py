@@ -73,12 +73,18 @@ def rung_configs(preset: dict, label: str, extra: list[str]) -> list[tuple[dict,
     return configs
 
 
-def selected_rungs(configs: list[tuple[dict, list]], only: list[str] | None, name: str) -> list[tuple[dict, list]]:
+def selected_rungs(configs: list[tuple[dict, list]], only: list[str] | None, name: str,
+                   baselines: list[dict] = ()) -> list[tuple[dict, list]]:
     """The (rung, config) pairs `reproduce.only` names (all when null), each config still holding the changes of
-    every rung above it; a decode-only rung brings along the trained rung whose tokenizer it decodes."""
+    every rung above it; a decode-only rung brings along the trained rung whose tokenizer it decodes. `only` may
+    also name `baselines`, beside at least one rung (the table measures the ladder's top against them)."""
     if only is None:
         return configs
-    check_only(only, [rung["slug"] for rung, _ in configs], name)
+    rung_slugs = [rung["slug"] for rung, _ in configs]
+    check_only(only, rung_slugs + [entry["slug"] for entry in baselines], name)
+    if not set(only) & set(rung_slugs):
+        raise ConfigError(f"reproduce.only={list(only)}: name at least one rung of the preset {name} beside its "
+                          f"baselines: {rung_slugs}")
     kept, trained = [], None
     for pair in configs:
         rung = pair[0]
@@ -217,7 +223,8 @@ def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
     out = results_folder(cfg, name, extra)
     began = time.perf_counter()
     rows, trained = [], {}  # trained: seed -> the pipeline of the last trained rung's run of that seed
-    for rung, configs in selected_rungs(rung_configs(preset, name, extra), cfg.reproduce.only, name):
+    only, baseline_entries = cfg.reproduce.only, preset.get("baselines", [])
+    for rung, configs in selected_rungs(rung_configs(preset, name, extra), only, name, baseline_entries):
         runs, pipelines = [], {}
         for rung_cfg in configs:
             print(f"== {rung['label']} ({rung_cfg.name}, NFE {rung_cfg.decode.nfe})", flush=True)
@@ -227,7 +234,8 @@ def climb(cfg: DictConfig, name: str, preset: dict, extra: list[str]) -> dict:
         if not rung.get("decode_only"):
             trained = pipelines
     baselines = []
-    for entry in preset.get("baselines", []):
+    # with `only`, just the baselines it names: rows it leaves out can train at the same time in another process
+    for entry in [entry for entry in baseline_entries if only is None or entry["slug"] in only]:
         runs = []
         for base_cfg in seeded_configs(preset, name, {**entry, "overrides": [*entry.get("overrides", []),
                                                                              "pipeline.steps=[tokenizer,reconstruct]"]},

@@ -55,6 +55,14 @@ def test_selected_rungs_keep_every_earlier_change_and_the_tokenizer_a_decode_onl
     for only in ([], ["no_such_rung"]):
         with pytest.raises(ConfigError, match="name one or more of the rows of the preset ladder32"):
             ablation.selected_rungs(configs, only, "ladder32")
+    # `only` may name a baseline too, so that two processes can split a preset's runs between them
+    baselines = preset["baselines"]
+    assert [rung["slug"] for rung, _ in ablation.selected_rungs(configs, ["ddpm", "vae"], "ladder32", baselines)] \
+        == ["ddpm"]
+    with pytest.raises(ConfigError, match="name one or more of the rows"):
+        ablation.selected_rungs(configs, ["ddpm", "vae"], "ladder32")  # a baseline the preset does not have
+    with pytest.raises(ConfigError, match="name at least one rung of the preset ladder32 beside its baselines"):
+        ablation.selected_rungs(configs, ["vae"], "ladder32", baselines)
 
 
 def test_a_decode_only_rung_has_the_seeds_of_the_rung_whose_tokenizers_it_decodes():
