@@ -95,6 +95,10 @@ rungs:
 baselines:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0, 1], paper: {rfid: 11.15}, overrides: []}
 """)
+    # a trial of some rows trains just those; a baseline it leaves out (another process may train it) waits
+    run_cli(*command, "reproduce.only=[ddpm]", timeout=1800)
+    assert (tmp_path / "pipeline" / "reproduce_tiny_ddpm" / "tokenizer").is_dir()
+    assert not list((tmp_path / "pipeline").glob("reproduce_tiny_vae_*"))
     run_cli(*command, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     assert [row["slug"] for row in results["rows"]] == ["ddpm", "flow", "grid"]
