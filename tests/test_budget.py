@@ -47,6 +47,11 @@ budget_steps: [2, 3, 5]
 compare: {baseline: vae, ours: eps}
 psnr_target: 40.0
 """)
+    # one row alone (another process may train the other): trained and measured, no table without its pair
+    alone = run_cli(*command, "reproduce.only=[eps]", timeout=1800)
+    assert "run the command without reproduce.only to write it" in alone.stdout
+    assert not (out / "table.md").exists()
+    assert not (tmp_path / "pipeline" / "reproduce_tiny_budget_vae_s0").exists()
     run_cli(*command, timeout=1800)
     results = json.loads((out / "results.json").read_text())
     folder = tmp_path / "pipeline" / "reproduce_tiny_budget_eps_s0"
