@@ -136,8 +136,10 @@ class GaussianDiffusion:
             return model_output, None
         return model_output.chunk(2, dim=1)
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Prediction:
-        """p_θ(x_{t-1} | x_t) from the network's output at (x_t, t)."""
+    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                        clip_x0: bool = False) -> Prediction:
+        """p_θ(x_{t-1} | x_t) from the network's output at (x_t, t). clip_x0: x̂_0 clipped to [-1, 1] before it
+        enters the posterior mean, as Ho et al. sample images (clip_denoised); not for latents, which have no range."""
         eps, v = self.split_output(model_output.to(x_t.dtype))
         if v is None:
             log_variance = self._at(self.fixed_log_variance, t, x_t)
@@ -147,6 +149,8 @@ class GaussianDiffusion:
             fraction = (v + 1) / 2
             log_variance = fraction * log_beta + (1 - fraction) * log_beta_tilde
         x0 = self.predict_x0(x_t, t, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
         mean, _ = self.q_posterior(x0, x_t, t)
         return Prediction(mean, log_variance, x0)
 
@@ -172,14 +176,14 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-               progress: bool = False) -> torch.Tensor:
+               progress: bool = False, clip_x0: bool = False) -> torch.Tensor:
         """Ancestral sampling from x = noise at the last step down to x_0:
             x_{t-1} = μ_θ(x_t, t) + exp(½ log Σ_θ) z,   z ~ N(0, I),   no noise on the final step.
-        model_fn(x_t, model_time) gets the original-chain steps (B,) as floats."""
+        model_fn(x_t, model_time) gets the original-chain steps (B,) as floats; clip_x0: see p_mean_variance."""
         x = noise
         for step in tqdm(range(self.num_timesteps - 1, -1, -1), disable=not progress, desc="ddpm"):
             t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-            prediction = self.p_mean_variance(model_fn(x, self.model_time(t)), x, t)
+            prediction = self.p_mean_variance(model_fn(x, self.model_time(t)), x, t, clip_x0)
             x = prediction.mean
             if step > 0:
                 x = x + torch.exp(0.5 * prediction.log_variance) * torch.randn_like(x)

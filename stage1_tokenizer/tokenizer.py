@@ -145,8 +145,10 @@ class DDPMEpsVAE(EpsVAE):
         condition = self.condition(z)
         steps = self.chain.num_timesteps
         respaced = self.chain.respace(self.default_nfe if nfe is None else nfe)
+        # x̂_0 clipped to the image range at every step, as Ho et al. sample (clip_denoised): without it an
+        # undertrained ε-network's 1,000 ancestral steps drift to saturated images (results/ladder32_fair)
         image = respaced.sample(lambda x_t, model_time: self.decoder(x_t, model_time / steps, condition),
-                                self.initial_noise(z, noise))
+                                self.initial_noise(z, noise), clip_x0=True)
         return image.clamp(-1, 1)
 
 

@@ -138,6 +138,24 @@ def test_ancestral_sampler_lands_on_the_single_data_point(learn_sigma, steps):
     assert torch.allclose(sample, data_point.expand_as(sample), atol=1e-4)
 
 
+def test_clipping_x0_keeps_every_step_on_the_image_range():
+    """A data point outside [-1, 1]: the exact ε lands the sampler on it, unless x̂_0 is clipped at every step (Ho
+    et al.'s image sampling), when the chain lands on the range's edge instead."""
+    torch.manual_seed(0)
+    diffusion = GaussianDiffusion.linear(1000, learn_sigma=False)
+    data_point = torch.full((1, 2, 4, 4), 3.0)
+    noise = torch.randn(2, 2, 4, 4)
+    chain = diffusion.respace(25)
+    assert torch.allclose(chain.sample(true_noise_fn(diffusion, data_point), noise), data_point.expand(2, -1, -1, -1),
+                          atol=1e-3)
+    assert torch.allclose(chain.sample(true_noise_fn(diffusion, data_point), noise, clip_x0=True),
+                          torch.ones(2, 2, 4, 4), atol=1e-3)
+    t, x_t = torch.tensor([500, 500]), noise
+    clipped = diffusion.p_mean_variance(true_noise_fn(diffusion, data_point)(x_t, t.float()), x_t, t, clip_x0=True)
+    assert clipped.x0.abs().max() <= 1
+    torch.testing.assert_close(clipped.mean, diffusion.q_posterior(clipped.x0, x_t, t)[0])
+
+
 def test_vlb_is_in_bits():
     """The KL of two unit Gaussians one standard deviation apart is ½ nat per dimension = ½ / log 2 bits."""
     diffusion = GaussianDiffusion.linear(1000, learn_sigma=True)

@@ -1,11 +1,13 @@
 """Stage-1 networks: shapes, compression factors, resolution-agnostic decoding, parameter counts, describe."""
 import json
+from unittest.mock import patch
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from pipelines.describe import describe_ldm
+from shared.ddpm import GaussianDiffusion
 from shared.errors import ConfigError, DataError
 from shared.flow import velocity_target
 from stage1_tokenizer.blocks import AdaGroupNorm, AttentionBlock, Downsample, ResBlock, Upsample
@@ -134,6 +136,14 @@ def test_the_ablations_ddpm_decoder_trains_on_epsilon_and_samples_ancestrally():
     images = tokenizer.decode(torch.randn(2, 4, 8, 8), nfe=5)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     assert calls == pytest.approx([0.999, 0.749, 0.5, 0.25, 0.0], abs=1e-3)  # 5 evenly respaced chain steps / 1000
+    # it samples images as Ho et al. do: x̂_0 clipped to [-1, 1] at every ancestral step
+    clipped = []
+    sample = GaussianDiffusion.sample
+    with patch.object(GaussianDiffusion, "sample", autospec=True,
+                      side_effect=lambda chain, *args, **kwargs: clipped.append(kwargs.get("clip_x0"))
+                      or sample(chain, *args, **kwargs)):
+        tokenizer.decode(torch.randn(1, 4, 8, 8), nfe=2)
+    assert clipped == [True]
     with pytest.raises(ConfigError, match="gamma"):
         build_tokenizer({**config, "flow": {**config["flow"], "gamma": 0.6}})
 
