@@ -16,8 +16,9 @@ on the baseline at the largest budget.
 `reproduce.only=[ROW]` trains and measures that row alone (rows can train in separate processes); the command
 without it then tabulates them. `reproduce.train=false` trains nothing: it measures and tabulates the budgets whose
 checkpoints exist in every row, so a trend can be read while its runs go on: the table is then marked partial, and
-the PSNR target stays pending until the largest budget is measured. Writes results/<PRESET>/ (or reproduce.out): table.md, results.json,
-budget_metrics.png (each row against log steps) and budget_difference.png (the differences and their lines).
+the PSNR target stays pending until the largest budget is measured. Writes results/<PRESET>/ (or reproduce.out):
+table.md, results.json, budget_metrics.png (each row against log steps) and budget_difference.png (the differences
+and their lines).
 """
 from __future__ import annotations
 
