@@ -185,9 +185,7 @@ def render_table(rows: list[dict], comparison: dict, target: dict | None, meta: 
         trend = compared["trend"]
         if trend is None:
             continue
-        crossing = "never (moving away)" if trend["crossing_steps"] is None else \
-            f"{steps_label(trend['crossing_steps'], last)} [{steps_label(trend['crossing_ci95'][0], last)}, " \
-            f"{steps_label(trend['crossing_ci95'][1], last)}]"
+        crossing = crossing_label(trend, PAPER_DIRECTION[metric], last)
         lines.append(f"| {metric} | {format_interval(trend['slope'], trend['slope_ci95'], spec[metric])} | "
                      f"{trend['verdict']} | {trend['at_last']:{spec[metric]}} | {crossing} |")
     if target is not None:
@@ -206,6 +204,17 @@ def steps_label(value: float, last_budget: int) -> str:
     if not np.isfinite(value):
         return "∞"
     return f"> {FAR_AHEAD * last_budget:,}" if value > FAR_AHEAD * last_budget else f"{value:,.0f}"
+
+
+def crossing_label(trend: dict, direction: str, last_budget: int) -> str:
+    """Where the line reaches 0 ahead of the last budget, with its interval; a line that will not reach it is either
+    already past 0 on the paper's side (ours ahead on the line, the gap widening) or moving away on the other."""
+    if trend["crossing_steps"] is not None:
+        low, high = trend["crossing_ci95"]
+        return (f"{steps_label(trend['crossing_steps'], last_budget)} [{steps_label(low, last_budget)}, "
+                f"{steps_label(high, last_budget)}]")
+    ours_ahead = trend["at_last"] < 0 if direction == "lower" else trend["at_last"] > 0
+    return "already past 0 (ours ahead on the line, moving further)" if ours_ahead else "never (moving away)"
 
 
 def plot(rows: list[dict], comparison: dict, meta: dict, out: Path) -> None:

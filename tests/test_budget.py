@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipelines.budget import steps_label, training_time
+from pipelines.budget import crossing_label, steps_label, training_time
 from pipelines.configs import group_config
 from shared.train.checkpoint import CheckpointDir
 from tests.helpers import run_cli, tiny_preset_command
@@ -23,6 +23,16 @@ def test_a_crossing_far_beyond_the_last_budget_is_shown_as_beyond_it():
     # a slope near zero puts the line's zero absurdly far ahead: the table says "beyond", not 3e39 steps
     assert steps_label(3.04e39, 1200) == "> 1,228,800"
     assert steps_label(21286.4, 1200) == "21,286" and steps_label(math.inf, 1200) == "∞"
+
+
+def test_a_line_that_never_reaches_zero_says_on_which_side_of_it_it_lies():
+    ahead = {"crossing_steps": None, "at_last": 0.89}  # a PSNR difference: ours ahead and moving further
+    assert crossing_label(ahead, "higher", 9600).startswith("already past 0")
+    assert crossing_label(ahead, "lower", 9600) == "never (moving away)"  # the same line for an rFID: ours behind
+    ahead_rfid = {"crossing_steps": None, "at_last": -1.5}
+    assert crossing_label(ahead_rfid, "lower", 9600).startswith("already past 0")
+    closing = {"crossing_steps": 21286.4, "crossing_ci95": [12000.0, float("inf")], "at_last": 2.0}
+    assert crossing_label(closing, "lower", 9600) == "21,286 [12,000, ∞]"
 
 
 def test_the_training_time_says_which_rows_it_leaves_out():

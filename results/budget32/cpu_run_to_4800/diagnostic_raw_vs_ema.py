@@ -1,5 +1,5 @@
 """Writes diagnostic_raw_vs_ema.json (see README.md): run from the repository root as
-PYTHONPATH=. .venv/bin/python results/budget32/diagnostic_raw_vs_ema.py /work/runs/outputs > results/budget32/diagnostic_raw_vs_ema.json
+PYTHONPATH=. .venv/bin/python results/budget32/cpu_run_to_4800/diagnostic_raw_vs_ema.py /work/runs/outputs > results/budget32/cpu_run_to_4800/diagnostic_raw_vs_ema.json
 
 Post-hoc diagnostic, added after the 2,400-step measurement: is a budget's raw-weight checkpoint representative of
 its run? For each row and each budget measured in results.json it gives
