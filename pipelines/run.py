@@ -12,10 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout without `pip install -e`
     sys.path.insert(0, str(ROOT))
-if __name__ == "__main__":  # before the slow imports: start-up takes seconds, and a signal then gets one line too
-    from shared.preemption import exit_cleanly_on_signals
+if __name__ == "__main__":  # before the slow imports: a signal during their seconds is acted on once they are done
+    from shared.preemption import defer_signals
 
-    exit_cleanly_on_signals()
+    defer_signals()
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -77,6 +77,10 @@ def main(cfg: DictConfig):
     from shared.config_check import check_config
     from shared.errors import UserError, one_line
 
+    if __name__ == "__main__":  # the stage's imports are done: a signal now (or one during them) gets its one line
+        from shared.preemption import exit_cleanly_on_signals
+
+        exit_cleanly_on_signals()
     try:
         check_config(cfg)
         return stage(cfg)

@@ -39,14 +39,37 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
+# The first signal received while signals were deferred (defer_signals), if any.
+_deferred: str | None = None
+
+
+def _preempted(signal_name: str) -> Preempted:
+    return Preempted(f"received {signal_name} outside a step that saves: finished work (checkpoints, cache shards, "
+                     f"completed stages) is kept; rerun the same command to go on")
+
+
 def _exit_on_signal(signum, frame):
-    raise Preempted(f"received {signal.Signals(signum).name} outside a step that saves: finished work (checkpoints, "
-                    f"cache shards, completed stages) is kept; rerun the same command to go on")
+    raise _preempted(signal.Signals(signum).name)
+
+
+def _remember_signal(signum, frame):
+    global _deferred
+    _deferred = _deferred or signal.Signals(signum).name
+
+
+def defer_signals() -> None:
+    """Until exit_cleanly_on_signals: a SIGTERM/SIGINT is remembered and acted on then. For the imports of start-up:
+    an exception raised by a handler while torch is being imported can unwind through its C++ (pybind11), which
+    aborts the process, or reach an extension module that turns it into an ImportError with a traceback."""
+    for sig in SIGNALS:
+        signal.signal(sig, _remember_signal)
 
 
 def exit_cleanly_on_signals() -> None:
     """From here on a SIGTERM/SIGINT outside a PreemptionFlag exits with one line instead of a traceback or a
-    silent death."""
+    silent death; a signal remembered since defer_signals exits now."""
+    if _deferred is not None:
+        raise _preempted(_deferred)
     for sig in SIGNALS:
         signal.signal(sig, _exit_on_signal)
 

@@ -459,6 +459,31 @@ def test_a_signal_during_start_up_exits_with_one_line(tmp_path, sig):
     assert stderr.strip().splitlines()[-1].startswith(f"received {sig.name} outside a step that saves")
 
 
+def test_a_signal_during_the_imports_is_acted_on_once_they_are_done(monkeypatch):
+    """The test above once failed under load: the handler raised while torch was being imported, inside its C++
+    (pybind11), and the process aborted; another time an extension module turned the exit into an ImportError,
+    printed with a traceback. During start-up's imports a signal is now remembered and exits with its one line
+    after them."""
+    from shared import preemption
+
+    monkeypatch.setattr(preemption, "_deferred", None)
+    previous = {sig: signal.getsignal(sig) for sig in preemption.SIGNALS}
+    try:
+        preemption.defer_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler has run, and raised nothing
+        with pytest.raises(preemption.Preempted, match="^received SIGTERM outside a step that saves"):
+            preemption.exit_cleanly_on_signals()
+        monkeypatch.setattr(preemption, "_deferred", None)
+        preemption.exit_cleanly_on_signals()  # nothing remembered: from here on a signal exits at once
+        with pytest.raises(preemption.Preempted, match="^received SIGINT outside a step that saves"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def test_metrics_read_every_still_image_format(tmp_path):
     """stage=metrics refused a folder of BMP files; it reads what the image folders read, by the same rules."""
     from shared.data.image_files import FolderImages
