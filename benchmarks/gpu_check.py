@@ -223,7 +223,8 @@ def machine(record: dict, sizes: Sizes, runtime: Runtime) -> None:
     device, dtype = runtime.device, runtime.autocast_dtype or torch.float32
     record.update(describe(device, str(dtype)))
     record.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                  tf32_matmul=torch.backends.cuda.matmul.allow_tf32, driver=nvidia_driver())
+                  tf32_matmul=torch.backends.cuda.matmul.allow_tf32, tf32_conv=torch.backends.cudnn.allow_tf32,
+                  driver=nvidia_driver())
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         record.update(memory_gib=properties.total_memory / 2**30, multiprocessors=properties.multi_processor_count,

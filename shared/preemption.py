@@ -60,7 +60,7 @@ def _remember_signal(signum, frame):
 def defer_signals() -> None:
     """Until exit_cleanly_on_signals: a SIGTERM/SIGINT is remembered and acted on then. For the imports of start-up:
     an exception raised by a handler while torch is being imported can unwind through its C++ (pybind11), which
-    aborts the process, or reach an extension module that turns it into an ImportError with a traceback."""
+    aborts the process, or surface as another exception, which Hydra prints with a traceback."""
     for sig in SIGNALS:
         signal.signal(sig, _remember_signal)
 

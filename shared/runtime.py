@@ -86,10 +86,12 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype | None:
 
 
 def set_tf32(enabled: bool, device: torch.device) -> None:
-    """On CUDA, fp32 matrix products on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation) or not.
-    cuDNN's convolutions use TF32 by torch's default either way."""
+    """On CUDA, fp32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation) or not. Both, so that `precision=fp32 tf32=false` computes in fp32 as on the CPU: torch's own
+    default leaves cuDNN's convolutions on TF32 while matmuls are off."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
 
 
 def seed_everything(seed: int) -> None:

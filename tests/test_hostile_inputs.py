@@ -461,9 +461,9 @@ def test_a_signal_during_start_up_exits_with_one_line(tmp_path, sig):
 
 def test_a_signal_during_the_imports_is_acted_on_once_they_are_done(monkeypatch):
     """The test above once failed under load: the handler raised while torch was being imported, inside its C++
-    (pybind11), and the process aborted; another time an extension module turned the exit into an ImportError,
-    printed with a traceback. During start-up's imports a signal is now remembered and exits with its one line
-    after them."""
+    (pybind11), and the process aborted; another time the exit surfaced as another exception, which Hydra printed
+    with a traceback. During start-up's imports a signal is now remembered and exits with its one line after
+    them."""
     from shared import preemption
 
     monkeypatch.setattr(preemption, "_deferred", None)

@@ -121,15 +121,17 @@ def test_precision_names_and_tf32():
     assert runtime_lib.resolve_precision("auto", cpu) is None
     with pytest.raises(ConfigError, match="fp16"):
         runtime_lib.resolve_precision("half", cpu)
-    was = torch.backends.cuda.matmul.allow_tf32
+    was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        runtime_lib.set_tf32(True, cpu)
-        assert torch.backends.cuda.matmul.allow_tf32 is False  # nothing to do on the CPU
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+        runtime_lib.set_tf32(False, cpu)
+        assert torch.backends.cudnn.allow_tf32 is True  # nothing to do on the CPU
+        runtime_lib.set_tf32(False, cuda)  # fp32 means fp32: the convolutions too
+        assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
         runtime_lib.set_tf32(True, cuda)
-        assert torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = was
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = was
 
 
 def test_the_peak_memory_of_the_first_steps_is_logged_on_cuda(monkeypatch, caplog):
