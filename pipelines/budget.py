@@ -213,7 +213,7 @@ def crossing_label(trend: dict, direction: str, last_budget: int) -> str:
         low, high = trend["crossing_ci95"]
         return (f"{steps_label(trend['crossing_steps'], last_budget)} [{steps_label(low, last_budget)}, "
                 f"{steps_label(high, last_budget)}]")
-    ours_ahead = trend["at_last"] < 0 if direction == "lower" else trend["at_last"] > 0
+    ours_ahead = verdict([trend["at_last"]] * 2, direction) == "reproduced"  # the claim rule's side of 0
     return "already past 0 (ours ahead on the line, moving further)" if ours_ahead else "never (moving away)"
 
 

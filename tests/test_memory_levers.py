@@ -124,8 +124,10 @@ def test_precision_names_and_tf32():
     was = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+        runtime_lib.set_tf32(True, cpu)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # nothing to do on the CPU
         runtime_lib.set_tf32(False, cpu)
-        assert torch.backends.cudnn.allow_tf32 is True  # nothing to do on the CPU
+        assert torch.backends.cudnn.allow_tf32 is True
         runtime_lib.set_tf32(False, cuda)  # fp32 means fp32: the convolutions too
         assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False
         runtime_lib.set_tf32(True, cuda)
