@@ -102,6 +102,8 @@ RULES: tuple[tuple[str, Rule], ...] = (
     ("*.keep_checkpoints", COUNT),
     ("launcher.timeout_minutes", POSITIVE),  # how long a collective waits for the other processes
     ("decode.nfe", COUNT),
+    # A preset turns a claim off by setting it to null; the resolution claim's name matches the next pattern.
+    ("reproduce.claims.resolution", Rule(integer=False, nullable=True)),
     ("*.resolution", RESOLUTION),
     ("*.num_workers", NON_NEGATIVE_INT),
     ("*.num_classes", OPTIONAL_COUNT),

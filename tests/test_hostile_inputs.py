@@ -223,9 +223,19 @@ def test_a_negative_batch_size_exits_with_one_line_instead_of_hanging(tmp_path):
 
 @pytest.mark.parametrize("config", ["tokenizer=" + p.stem for p in sorted((REPO / "configs/tokenizer").glob("*.yaml"))]
                          + ["ldm=" + p.stem for p in sorted((REPO / "configs/ldm").glob("*.yaml"))]
-                         + ["experiment=" + p.stem for p in sorted((REPO / "configs/experiment").glob("*.yaml"))])
+                         + ["experiment=" + p.stem for p in sorted((REPO / "configs/experiment").glob("*.yaml"))]
+                         + ["reproduce=" + p.stem for p in sorted((REPO / "configs/reproduce").glob("*.yaml"))])
 def test_every_shipped_config_passes_the_validation(config):
     assert config_problems(load_config(["stage=pipeline", config])) == []
+
+
+def test_a_preset_may_turn_the_resolution_claim_off_while_a_resolution_stays_checked():
+    cfg = load_config(["stage=reproduce", "reproduce=fair32"])
+    assert config_problems(cfg) == []
+    cfg.reproduce.claims.resolution.resolution = 0
+    assert config_problems(cfg) == ["reproduce.claims.resolution.resolution=0 must be a whole number in [1, 4096]"]
+    cfg.reproduce.claims.resolution = None
+    assert config_problems(cfg) == []
 
 
 def test_fid_samples_need_two_only_where_gfids_are_computed():
