@@ -31,11 +31,17 @@ def test_dgae32_compares_half_channels_at_fair32s_recipe_and_trains_fair32s_toke
 
 def test_dit_long32_trains_fair32s_dit_longer_on_a_vae_f4_trained_as_fair32s_and_samples_with_guidance():
     long, fair = group_config("reproduce", "dit_long32"), group_config("reproduce", "fair32")
+    dgae = group_config("reproduce", "dgae32")
     (entry,) = long["tokenizers"]
     cfg = run_config(long, "dit_long32", entry, [], 0)
-    assert cfg.pipeline.tokenizer_run is None and long["convergence"] == []
+    assert long["convergence"] == []
+    # the tokenizer it takes is dgae32's seed-0 VAE f4×4, trained with fair32's VAE f4 settings on the same data
+    dgae_vae = next(row for row in dgae["tokenizers"] if row["slug"] == "vae_f4")
+    taken = run_config(dgae, "dgae32", dgae_vae, [], 0)
+    assert cfg.pipeline.tokenizer_run == taken.name
     fair_vae = next(row for row in fair["tokenizers"] if row["slug"] == "vae_f4")
-    assert run_config(fair, "fair32", fair_vae, [], 0).tokenizer == cfg.tokenizer
+    assert run_config(fair, "fair32", fair_vae, [], 0).tokenizer == taken.tokenizer == cfg.tokenizer
+    assert taken.data == cfg.data and taken.seed == cfg.seed
     assert cfg.ldm.train.steps == 32 * fair["common"]["ldm.train.steps"] == cfg.ldm.train.keep_steps[-1]
     assert cfg.sample.cfg_scale == 4.0 and cfg.ldm.depth == run_config(fair, "fair32", fair_vae, [], 0).ldm.depth
 
