@@ -59,6 +59,20 @@ def test_bootstrap_fids_equal_the_fids_of_the_resampled_images(count, dim):
         frechet_distance(*feature_statistics(real[rows]), *feature_statistics(fake[rows])), rel=1e-6)
 
 
+def test_each_reference_gets_its_own_root_when_several_are_in_use():
+    # the root of a reference's covariance is kept between sample sets: a different reference (even one differing
+    # in a single entry, or more references than are kept) must not be measured with another one's root
+    rng = np.random.default_rng(4)
+    fake = rng.normal(size=(12, 16))  # fewer images than dimensions: the path that uses the root
+    references = [feature_statistics(rng.normal(scale, 1.0, size=(200, 16))) for scale in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)]
+    nudged_sigma = references[0][1].copy()
+    nudged_sigma[3, 3] += 0.5
+    references.append((references[0][0], nudged_sigma))
+    for mu, sigma in references * 2:
+        assert FrechetBootstrap(fake, reference=(mu, sigma)).fid() == pytest.approx(
+            frechet_distance(mu, sigma, *feature_statistics(fake)), rel=1e-6)
+
+
 def test_bootstrap_spread_shrinks_with_more_samples_and_differences_of_equal_sets_vanish():
     rng = np.random.default_rng(3)
     mu, sigma = np.zeros(8), np.eye(8)

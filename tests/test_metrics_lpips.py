@@ -10,7 +10,8 @@ import torch
 from shared.data.transforms import quantize_to_uint8
 from shared.errors import ConfigError
 from shared.metrics.image_quality import psnr, ssim
-from shared.metrics.lpips import LPIPS, secondary_net, torchvision_backbone_state_dict
+from shared.metrics.lpips import (LPIPS, alexnet_features, secondary_net, torchvision_backbone_state_dict,
+                                  vgg16_features)
 
 
 def image_pair(batch: int = 3, size: int = 64, noise: float = 0.3, seed: int = 0):
@@ -40,6 +41,12 @@ def test_lpips_matches_the_official_package(net):
     # ...and the heads are the official v0.1 heads, not merely loaded alike.
     for head, official_head in zip(ours.heads, official.lins):
         torch.testing.assert_close(head, official_head.model[-1].weight.flatten())
+
+
+def test_the_backbones_are_torchvisions_trunks_layer_for_layer():
+    torchvision = pytest.importorskip("torchvision")
+    assert str(alexnet_features()) == str(torchvision.models.alexnet(weights=None).features)
+    assert str(vgg16_features()) == str(torchvision.models.vgg16(weights=None).features)
 
 
 def test_lpips_is_zero_for_identical_images_symmetric_and_grows_with_distortion():

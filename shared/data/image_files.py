@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from shared.data.transforms import IMAGE_EXTENSIONS, quantize_to_uint8, to_rgb
@@ -263,14 +262,25 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8,
     with `row_labels`, one text per row, written in a column left of the grid."""
     images = torch.as_tensor(images)
     pixels = images if images.dtype == torch.uint8 else quantize_to_uint8(images)
-    grid = torchvision.utils.make_grid(pixels.cpu(), nrow=nrow, padding=2, pad_value=0)  # (3, H', W') uint8
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    picture = Image.fromarray(tiled(pixels.cpu(), nrow))
     if row_labels is not None:
         picture = _with_row_labels(picture, row_labels, row_height=images.shape[-2] + 2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path)
     return path
+
+
+def tiled(pixels: torch.Tensor, columns: int, gap: int = 2) -> np.ndarray:
+    """(B, C, H, W) uint8 images -> (H', W', C): rows of `columns` images, `gap` black pixels around each."""
+    count, channels, height, width = pixels.shape
+    columns = min(columns, count)
+    rows = math.ceil(count / columns)
+    grid = torch.zeros(channels, gap + rows * (height + gap), gap + columns * (width + gap), dtype=pixels.dtype)
+    for index, image in enumerate(pixels):
+        top, left = gap + (index // columns) * (height + gap), gap + (index % columns) * (width + gap)
+        grid[:, top:top + height, left:left + width] = image
+    return grid.permute(1, 2, 0).numpy()
 
 
 def _with_row_labels(grid: Image.Image, labels: Sequence[str], row_height: int) -> Image.Image:

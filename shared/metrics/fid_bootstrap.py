@@ -19,6 +19,8 @@ Two FIDs on the same images (two tokenizers' rFIDs: same real rows) are compared
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -27,11 +29,25 @@ from shared.metrics.fid import frechet_distance
 from shared.metrics.intervals import bootstrap_counts, normal_interval
 
 DEFAULT_RESAMPLES = 200
+# Σ_ref^½ by the bytes of Σ_ref and its device: a run measures every sample set against the same reference, and each
+# root is a 2048 × 2048 eigendecomposition (seconds on a CPU). A few references at most are in use at once.
+_REFERENCE_ROOTS: dict[bytes, torch.Tensor] = {}
+_KEPT_ROOTS = 4
 
 
 def _symmetric_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def _reference_root(sigma: torch.Tensor) -> torch.Tensor:
+    """Σ_ref^½, computed once per reference covariance in this process."""
+    key = hashlib.sha256(sigma.cpu().numpy().tobytes()).digest() + str(sigma.device).encode()
+    if key not in _REFERENCE_ROOTS:
+        if len(_REFERENCE_ROOTS) >= _KEPT_ROOTS:
+            del _REFERENCE_ROOTS[next(iter(_REFERENCE_ROOTS))]  # the oldest
+        _REFERENCE_ROOTS[key] = _symmetric_sqrt(sigma)
+    return _REFERENCE_ROOTS[key]
 
 
 def _weighted_statistics(features: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +83,7 @@ class FrechetBootstrap:
                          for value in reference)
             self.reference = (mu, sigma)
             if self.gram:
-                projected = self.fake @ _symmetric_sqrt(sigma)  # Y = Z Σ_ref^½
+                projected = self.fake @ _reference_root(sigma)  # Y = Z Σ_ref^½
                 self.g_yy, self.g_zz = projected @ projected.T, self.fake @ self.fake.T
                 self.fake_dot_mu = self.fake @ mu
                 self.reference_terms = float(mu @ mu + torch.trace(sigma))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
 from shared.errors import DataError
 
@@ -83,6 +82,10 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = images.to(self.dtype)
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+            # imported here: torch_fidelity's package loads torchvision and torch._dynamo, seconds that every process
+            # importing this module (every stage) would pay without computing a feature
+            from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
             x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
         return (x - 128) / 128
 

