@@ -83,8 +83,8 @@ def test_a_tiny_ladder_runs_end_to_end_and_reuses_the_tokenizer_of_a_decode_only
     command, out = tiny_preset_command(tmp_path, "ablation", "tiny", """
 experiment: smoke
 tokenizer: epsvae_tiny
-common: {data.train_size: 64, data.val_size: 24, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
-         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 20,
+common: {data.train_size: 64, data.val_size: 12, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
+         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 10,
          evaluate.bootstrap: 10, decode.batch_size: 10}
 rungs:
   - {label: "DDPM", slug: ddpm, nfe: 4, paper: {rfid: 28.22, nfe: 1000},

@@ -47,8 +47,8 @@ def test_the_training_time_says_which_rows_it_leaves_out():
 def test_a_tiny_budget_study_keeps_each_budget_and_measures_the_trend(tmp_path):
     command, out = tiny_preset_command(tmp_path, "budget", "tiny_budget", """
 experiment: smoke
-common: {data.train_size: 64, data.val_size: 20, tokenizer.train.batch_size: 8, tokenizer.train.sample_every: 100,
-         tokenizer.train.ckpt_every: 100, tokenizer.train.log_every: 1, reconstruct.num_images: 20,
+common: {data.train_size: 64, data.val_size: 10, tokenizer.train.batch_size: 8, tokenizer.train.sample_every: 100,
+         tokenizer.train.ckpt_every: 100, tokenizer.train.log_every: 1, reconstruct.num_images: 10,
          decode.batch_size: 10, decode.nfe: 1, evaluate.bootstrap: 10}
 tokenizers:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0], overrides: []}

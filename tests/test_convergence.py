@@ -50,12 +50,12 @@ def test_dit_long32_trains_fair32s_dit_longer_on_a_vae_f4_trained_as_fair32s_and
 def test_a_tiny_convergence_study_measures_every_kept_dit_checkpoint(tmp_path):
     command, out = tiny_preset_command(tmp_path, "convergence", "tiny_conv", """
 experiment: smoke
-common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 3, tokenizer.train.batch_size: 8,
+common: {data.train_size: 64, data.val_size: 10, tokenizer.train.steps: 3, tokenizer.train.batch_size: 8,
          tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
          ldm.train.keep_steps: [2, 4], ldm.train.batch_size: 8, ldm.train.log_every: 1, ldm.train.sample_every: 100,
-         ldm.train.ckpt_every: 100, ldm.train.ema_decay: 0.0, ldm.train.lr: 0.01, sample.num_per_class: 2,
+         ldm.train.ckpt_every: 100, ldm.train.ema_decay: 0.0, ldm.train.lr: 0.01, sample.num_per_class: 1,
          sample.steps: 2, decode.nfe: 1, decode.batch_size: 10,
-         evaluate.reference_images: 40, evaluate.bootstrap: 20, reconstruct.num_images: 20}
+         evaluate.reference_images: 20, evaluate.bootstrap: 20, reconstruct.num_images: 10}
 tokenizers:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, seeds: [0], overrides: []}
   - {label: "DGAE", slug: dgae, tokenizer: dgae_tiny, seeds: [0], overrides: []}
@@ -71,7 +71,7 @@ convergence:
         folder = tmp_path / "pipeline" / f"reproduce_tiny_conv_{slug}_s0"
         assert CheckpointDir(folder / "ldm" / "checkpoints").steps() == [2, 4]  # both kept; ckpt_every divides none
         for steps in (2, 4):
-            assert finished_result(folder / f"dit_{steps}_sample")["num_samples"] == 20
+            assert finished_result(folder / f"dit_{steps}_sample")["num_samples"] == 10
             assert finished_result(folder / f"dit_{steps}_evaluate")["fid"] > 0
     again = tmp_path / "pipeline" / "reproduce_tiny_conv_again_s0"
     assert not (again / "tokenizer").exists()  # the VAE run's tokenizer, not trained again

@@ -55,8 +55,8 @@ def test_the_fair32_pilot_varies_gamma_and_learning_rate_for_both_decoder_kinds(
 def test_a_tiny_pilot_trains_measures_and_chooses(tmp_path):
     command, out = tiny_preset_command(tmp_path, "pilot", "tiny_pilot", """
 experiment: smoke
-common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
-         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 20,
+common: {data.train_size: 64, data.val_size: 10, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
+         tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, reconstruct.num_images: 10,
          decode.batch_size: 10, evaluate.bootstrap: 10}
 tokenizers:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, overrides: []}

@@ -9,11 +9,11 @@ from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
-SHORT = ["stage=pipeline", "experiment=smoke", "data.train_size=128", "data.val_size=32", "tokenizer.train.steps=20",
+SHORT = ["stage=pipeline", "experiment=smoke", "data.train_size=128", "data.val_size=16", "tokenizer.train.steps=20",
          "tokenizer.train.batch_size=8", "tokenizer.train.sample_every=10", "tokenizer.train.ckpt_every=10",
          "ldm.train.steps=20", "ldm.train.batch_size=16", "ldm.train.sample_every=10", "ldm.train.ckpt_every=10",
-         "reconstruct.num_images=32", "sample.num_per_class=3", "sample.steps=5", "decode.nfe=1",
-         "evaluate.reference_images=64", "wandb.mode=disabled", "progress=false"]
+         "reconstruct.num_images=16", "sample.num_per_class=2", "sample.steps=5", "decode.nfe=1",
+         "evaluate.reference_images=32", "wandb.mode=disabled", "progress=false"]
 
 
 @pytest.mark.quality
@@ -32,8 +32,8 @@ def test_smoke_pipeline_reports_every_number_and_resumes(tmp_path):
     root = tmp_path / "pipeline" / "smoke"
     report = json.loads((root / "report.json").read_text())
     assert report["reconstruction"]["rfid"] > 0 and report["reconstruction"]["psnr"] > 0
-    assert report["reconstruction"]["num_images"] == 32 and report["reconstruction"]["decoder_nfe"] == 1
-    assert report["generation"]["gfid"] > 0 and report["generation"]["num_samples"] == 30
+    assert report["reconstruction"]["num_images"] == 16 and report["reconstruction"]["decoder_nfe"] == 1
+    assert report["generation"]["gfid"] > 0 and report["generation"]["num_samples"] == 20
     assert report["generation"]["steps"] == 5 and report["generation"]["sampler"] == "euler"
     assert all(report["throughput_images_per_s"][part] > 0 for part in ("ldm", "decode", "total"))
     assert set(report["wall_seconds"]) == {"tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate"}
@@ -75,8 +75,8 @@ def test_a_key_added_to_the_configs_after_a_folder_was_made_is_no_difference(tmp
     assert "noise_seeds" not in record.read_text()
     again = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", check=False)
     assert again.returncode == 0, again.stderr
-    changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "reconstruct.num_images=31", check=False)
-    assert changed.returncode != 0 and "reconstruct.num_images: 32 -> 31" in changed.stderr
+    changed = run_cli(*SHORT, f"output_root={tmp_path}", "pipeline.steps=[]", "reconstruct.num_images=15", check=False)
+    assert changed.returncode != 0 and "reconstruct.num_images: 16 -> 15" in changed.stderr
 
 
 def test_a_run_can_take_the_tokenizer_another_run_trained(tmp_path):

@@ -225,11 +225,11 @@ def test_table_and_plots_are_written(rows, tmp_path):
 
 
 def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(tmp_path):
-    cfg = load_config(["experiment=smoke", "device=cpu", "data.val_size=50", "sample.num_per_class=3",
-                       "evaluate.reference_images=40", "evaluate.batch_size=16", "evaluate.bootstrap=10"], tmp_path)
+    cfg = load_config(["experiment=smoke", "device=cpu", "data.val_size=50", "sample.num_per_class=2",
+                       "evaluate.reference_images=20", "evaluate.batch_size=16", "evaluate.bootstrap=10"], tmp_path)
     floor = reproduce.real_data_floor(cfg)
-    assert floor["num_images"] == 3 * cfg.data.num_classes
-    assert floor["subset"]["selection"] == "class-stratified random subset" and floor["reference"]["images"] == 40
+    assert floor["num_images"] == 2 * cfg.data.num_classes
+    assert floor["subset"]["selection"] == "class-stratified random subset" and floor["reference"]["images"] == 20
     assert floor["fid"] > 0 and floor["fid_ci95"][0] < floor["fid"] < floor["fid_ci95"][1]
     assert (tmp_path / "reference_stats").is_dir()  # the reference is the evaluate stage's cached one
     meta = {"preset": "t", "command": "c", "machine": "m", "date": "d", "wall_minutes": 1.0, "compute_minutes": 1.0}
@@ -259,11 +259,11 @@ def test_the_older_command_line_becomes_the_stage_s(tmp_path):
 def test_a_tiny_reproduction_runs_as_a_stage_and_tabulates_its_claims(tmp_path):
     arguments, out = tiny_preset_command(tmp_path, "reproduce", "tiny", """
 experiment: smoke
-common: {data.train_size: 64, data.val_size: 20, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
+common: {data.train_size: 64, data.val_size: 10, tokenizer.train.steps: 4, tokenizer.train.batch_size: 8,
          tokenizer.train.sample_every: 100, tokenizer.train.ckpt_every: 100, ldm.train.steps: 4,
-         ldm.train.batch_size: 16, ldm.train.sample_every: 100, ldm.train.ckpt_every: 100, reconstruct.num_images: 20,
-         sample.num_per_class: 2, sample.steps: 3, decode.nfe: 1, decode.batch_size: 10, evaluate.bootstrap: 10,
-         evaluate.reference_images: 40}
+         ldm.train.batch_size: 16, ldm.train.sample_every: 100, ldm.train.ckpt_every: 100, reconstruct.num_images: 10,
+         sample.num_per_class: 1, sample.steps: 3, decode.nfe: 1, decode.batch_size: 10, evaluate.bootstrap: 10,
+         evaluate.reference_images: 20}
 tokenizers:
   - {label: "VAE", slug: vae, tokenizer: vae_tiny, overrides: []}
   - {label: "eps", slug: eps, tokenizer: epsvae_tiny, overrides: []}
