@@ -71,6 +71,23 @@ def test_lpips_is_frozen_but_differentiable_with_respect_to_inputs():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_loss_against_fixed_targets_has_the_value_and_gradient_of_the_joint_pass():
+    # y without a gradient takes the path that runs the backbone on y outside the graph; y with one (nothing here
+    # uses it) runs both in one pass: the two must agree
+    model = LPIPS("vgg")
+    x, y = image_pair(batch=2, size=32)
+    grads, values = [], []
+    for y_needs_grad in (False, True):
+        x_leaf, y_leaf = x.clone().requires_grad_(True), y.clone().requires_grad_(y_needs_grad)
+        distance = model(x_leaf, y_leaf)
+        distance.sum().backward()
+        values.append(distance.detach())
+        grads.append(x_leaf.grad)
+    torch.testing.assert_close(values[0], values[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert grads[0].abs().sum() > 0
+
+
 def test_lpips_rejects_unknown_backbones_and_names_the_other_one_as_secondary():
     with pytest.raises(ConfigError, match="squeeze"):
         LPIPS("squeeze")

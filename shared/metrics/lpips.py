@@ -174,12 +174,17 @@ class LPIPS(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape:
             raise ValueError(f"LPIPS compares images of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
-        # One backbone pass over both sets: (2B, 3, H, W).
-        features = self.tapped_features(torch.cat([x, y]))
+        if torch.is_grad_enabled() and x.requires_grad and not y.requires_grad:
+            # A loss against fixed targets: y's features need no graph, so backward stores and computes through the
+            # backbone for x alone (half of it).
+            with torch.no_grad():
+                features_y = self.tapped_features(y)
+            features_x = self.tapped_features(x)
+        else:  # one backbone pass over both sets: (2B, 3, H, W)
+            features_x, features_y = zip(*(both.chunk(2) for both in self.tapped_features(torch.cat([x, y]))))
         distance = 0
-        for feature, head in zip(features, self.heads):
-            feature = feature / (feature.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS)
-            fx, fy = feature.chunk(2)
+        for fx, fy, head in zip(features_x, features_y, self.heads):
+            fx, fy = (feature / (feature.pow(2).sum(dim=1, keepdim=True).sqrt() + NORM_EPS) for feature in (fx, fy))
             squared = (fx - fy).pow(2)  # (B, C, H, W)
             distance = distance + torch.einsum("bchw,c->bhw", squared, head.to(squared.dtype)).mean(dim=(1, 2))
         return distance
