@@ -28,6 +28,8 @@ from shared.metrics.intervals import format_interval
 from shared.runtime import config_differences, config_fingerprint, describe_differences, finished_result
 
 STEPS = ("tokenizer", "reconstruct", "cache", "ldm", "sample", "evaluate")
+# In a step's folder: the wall time of the invocations that stopped before the step finished (Pipeline.run_step).
+INTERRUPTED_SECONDS = "interrupted_seconds.txt"
 
 
 def _read_json(path: Path) -> dict | None:
@@ -109,14 +111,26 @@ class Pipeline:
 
     def run_step(self, step: str, run: Callable[[Path], dict]) -> dict:
         """The step's result: `run(folder)` unless the step's folder holds the result of a finished run already
-        (the stage contract: shared.runtime.finished_result), which is then taken as it is."""
-        result = finished_result(self.folder(step))
+        (the stage contract: shared.runtime.finished_result), which is then taken as it is.
+        Its wall time in seconds.json is that of every invocation since the step last finished: one that stops
+        before the end (an error, a pre-emption) leaves its time in the step's folder (INTERRUPTED_SECONDS) for the
+        invocation that resumes the step, so that a run resumed over several sessions reports what it took."""
+        folder = self.folder(step)
+        result = finished_result(folder)
         if result is not None:
             return result
+        interrupted = folder / INTERRUPTED_SECONDS
+        seconds_before = float(interrupted.read_text()) if interrupted.is_file() else 0.0
         began = time.perf_counter()
-        result = run(self.folder(step))
-        self.seconds[step] = round(time.perf_counter() - began, 2)
+        try:
+            result = run(folder)
+        except BaseException:
+            if folder.is_dir():  # else the step stopped before it began its work
+                interrupted.write_text(f"{seconds_before + time.perf_counter() - began:.2f}\n")
+            raise
+        self.seconds[step] = round(seconds_before + time.perf_counter() - began, 2)
         (self.root / "seconds.json").write_text(json.dumps(self.seconds, indent=2) + "\n")
+        interrupted.unlink(missing_ok=True)
         return result
 
     def run_tokenizer(self, folder: Path) -> dict:

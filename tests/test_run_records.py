@@ -366,3 +366,37 @@ def test_results_are_standard_json_with_an_unbounded_side_as_null():
     text = json_text({"ratio": math.inf, "ci95": [0.5, math.inf], "nested": {"nan": math.nan, "ok": 1.5}})
     assert json.loads(text) == {"ratio": None, "ci95": [0.5, None], "nested": {"nan": None, "ok": 1.5}}
     assert "Infinity" not in text and "NaN" not in text
+
+
+def test_a_pipeline_step_resumed_after_interruptions_records_the_wall_time_of_every_invocation(tmp_path,
+                                                                                               monkeypatch):
+    """A step stopped by a pre-emption and resumed by rerunning reports the time of both invocations, not the last's;
+    a step run again from scratch (its marker deleted) reports its new run alone."""
+    from pipelines import pipeline as pipeline_lib
+    from shared.preemption import Preempted
+
+    clock = iter([100.0, 103.0, 200.0, 205.5, 300.0, 301.0])
+    monkeypatch.setattr(pipeline_lib.time, "perf_counter", lambda: next(clock))
+    cfg = OmegaConf.create({"output_root": str(tmp_path), "name": "run", "pipeline": {"steps": ["sample"]}})
+
+    def stopped(folder: Path) -> dict:
+        folder.mkdir(parents=True)
+        raise Preempted("received SIGTERM")
+
+    def finishes(folder: Path) -> dict:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / runtime_lib.RESULT_FILE).write_text('{"samples": 1}\n')
+        (folder / runtime_lib.DONE_FILE).write_text("done\n")
+        return {"samples": 1}
+
+    with pytest.raises(Preempted):
+        pipeline_lib.Pipeline(cfg).run_step("sample", stopped)
+    pipeline_lib.Pipeline(cfg).run_step("sample", finishes)  # a new process: what it knows is on disk
+    seconds = tmp_path / "pipeline" / "run" / "seconds.json"
+    assert json.loads(seconds.read_text()) == {"sample": 8.5}
+    assert pipeline_lib.Pipeline(cfg).run_step("sample", stopped) == {"samples": 1}  # finished: not run, not timed
+    assert json.loads(seconds.read_text()) == {"sample": 8.5}
+
+    (tmp_path / "pipeline" / "run" / "sample" / runtime_lib.DONE_FILE).unlink()
+    pipeline_lib.Pipeline(cfg).run_step("sample", finishes)
+    assert json.loads(seconds.read_text()) == {"sample": 1.0}
