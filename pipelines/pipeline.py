@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from shared.errors import ConfigError
+from shared.files import write_atomically
 from shared.metrics.intervals import format_interval
 from shared.runtime import config_differences, config_fingerprint, describe_differences, finished_result
 
@@ -126,7 +127,8 @@ class Pipeline:
             result = run(folder)
         except BaseException:
             if folder.is_dir():  # else the step stopped before it began its work
-                interrupted.write_text(f"{seconds_before + time.perf_counter() - began:.2f}\n")
+                # atomically: a half-written count, read back as a float, would stop the step from resuming
+                write_atomically(interrupted, f"{seconds_before + time.perf_counter() - began:.2f}\n")
             raise
         self.seconds[step] = round(seconds_before + time.perf_counter() - began, 2)
         (self.root / "seconds.json").write_text(json.dumps(self.seconds, indent=2) + "\n")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -376,7 +377,7 @@ def test_a_pipeline_step_resumed_after_interruptions_records_the_wall_time_of_ev
     from shared.preemption import Preempted
 
     clock = iter([100.0, 103.0, 200.0, 205.5, 300.0, 301.0])
-    monkeypatch.setattr(pipeline_lib.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(pipeline_lib, "time", SimpleNamespace(perf_counter=lambda: next(clock)))  # this module's clock
     cfg = OmegaConf.create({"output_root": str(tmp_path), "name": "run", "pipeline": {"steps": ["sample"]}})
 
     def stopped(folder: Path) -> dict:
