@@ -21,8 +21,9 @@ real-data floor says how low a gFID can go at the sample count.
 `reproduce.train=false` trains nothing and measures the checkpoints every row has; before the last checkpoint
 exists the comparison is marked partial (its level is the baseline's gFID at the last checkpoint measured). The
 measurements' wall time joins each run folder's seconds.json under dit_<steps>_* (stage=reproduce leaves it out of
-its compute time). Writes results/<PRESET>/ (or reproduce.out): convergence.md, convergence.json, convergence.png
-and each checkpoint's sample grid (samples_<row>_<steps>.png), beside stage=reproduce's table of the preset.
+its compute time). A preset without comparisons (`convergence: []`) measures its rows alone. Writes
+results/<PRESET>/ (or reproduce.out): convergence.md, convergence.json, convergence.png and each checkpoint's sample
+grid (samples_<row>_<steps>.png), beside stage=reproduce's table of the preset.
 """
 from __future__ import annotations
 
@@ -77,8 +78,10 @@ def measure(pipeline: Pipeline, steps: int, losses: list[tuple[int, float]]) -> 
     samples, evaluation = pipeline.sample_and_evaluate(pipeline.cfg, dit_checkpoint(pipeline, steps),
                                                        f"dit_{steps}_sample", f"dit_{steps}_evaluate")
     near = [loss for step, loss in losses if steps / 2 < step <= steps]
+    sampling = (f"{samples['sampler']} sampler, {samples['steps']} steps, guidance {samples['cfg_scale']:g}, "
+                f"decoder NFE {samples['decoder_nfe']}")
     return {"steps": steps, "gfid": evaluation["fid"], "gfid_ci95": evaluation["fid_ci95"],
-            "loss": float(np.mean(near)) if near else None, "samples": samples["num_samples"],
+            "loss": float(np.mean(near)) if near else None, "samples": samples["num_samples"], "sampling": sampling,
             "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"),
             "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
 
@@ -119,9 +122,9 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
              f"Machine: {meta['machine']}  ",
              f"Date: {meta['date']}; {meta['wall_minutes']:.1f} min in the last invocation", "",
              f"The same DiT ({meta['dit']}) trained on each row's latents (one run per row, its first training "
-             f"seed), measured at each kept checkpoint on {meta['samples']} samples against the same reference: gFID "
-             f"with its 95% bootstrap interval, and the mean training loss logged over the second half of the steps "
-             f"up to the checkpoint. Floor: {floor['num_images']} real validation images score FID "
+             f"seed), measured at each kept checkpoint on {meta['samples']} samples ({meta['sampling']}) against the "
+             f"same reference: gFID with its 95% bootstrap interval, and the mean training loss logged over the second "
+             f"half of the steps up to the checkpoint. Floor: {floor['num_images']} real validation images score FID "
              f"{format_interval(floor['fid'], floor['fid_ci95'])}, the lowest gFID this sample count can show.", "",
              "| row | latent | " + " | ".join(f"{steps:,} steps: gFID / loss" for steps in meta["measured_steps"]) +
              " |", "|---|---|" + "---|" * len(meta["measured_steps"])]
@@ -130,25 +133,11 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
                  f"{'n/a' if m['loss'] is None else format(m['loss'], '.4f')}" for m in row["measurements"]]
         lines.append(f"| {row['label']} | {row['compression']} | " + " | ".join(cells) + " |")
     if meta["partial"]:
-        lines += ["", f"**Partial**: the DiTs have not reached {meta['budgets'][-1]:,} steps yet; the level below is "
-                      f"the baseline's gFID at {meta['measured_steps'][-1]:,} steps, and the verdicts will change."]
-    lines += ["", "## How much of the baseline's training does ours need?", "",
-              "The level is the baseline's gFID at its last checkpoint; each row's steps to reach it are "
-              "interpolated linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). "
-              "Ratio: ours' steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval "
-              "comes from resamples of the samples shared by every checkpoint of a row; ∞ where ours does not reach "
-              "the level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
-              "the interval lies below 1, contradicted where above, inconclusive otherwise. No training-seed "
-              "variance: one DiT per row.", "",
-              "| ours vs baseline | level (baseline's last gFID) | steps to it: ours / baseline | "
-              "ratio [95% interval] | resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
-    for item in comparisons:
-        reached = "not reached" if item["steps"] is None else (
-            f"≤ {item['steps']:,.0f} (the first checkpoint)" if item["at_first_budget"] else f"{item['steps']:,.0f}")
-        lines.append(f"| {labels[item['ours']]} vs {labels[item['baseline']]} | {item['level']:.1f} | {reached} / "
-                     f"{item['baseline_steps']:,.0f} | "
-                     f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
-                     f"**{item['verdict']}** |")
+        lines += ["", f"**Partial**: the DiTs have not reached {meta['budgets'][-1]:,} steps yet" + (
+            f"; the level below is the baseline's gFID at {meta['measured_steps'][-1]:,} steps, and the verdicts will "
+            f"change." if comparisons else ".")]
+    if comparisons:
+        lines += comparison_section(comparisons, labels)
     lines += ["", "## Samples", "", "The first samples of each class, one row per class, at each checkpoint:", "",
               "| row | " + " | ".join(f"{steps:,} steps" for steps in meta["measured_steps"]) + " |",
               "|---|" + "---|" * len(meta["measured_steps"])]
@@ -156,6 +145,28 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
         lines.append(f"| {row['label']} | " + " | ".join(f"![]({grid_name(row['slug'], m['steps'])})"
                                                          for m in row["measurements"]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def comparison_section(comparisons: list[dict], labels: dict[str, str]) -> list[str]:
+    """The markdown lines of the steps-to-match table, a row per comparison."""
+    lines = ["", "## How much of the baseline's training does ours need?", "",
+             "The level is the baseline's gFID at its last checkpoint; each row's steps to reach it are "
+             "interpolated linearly in log2 steps between checkpoints (shared.metrics.intervals: steps_to_match). "
+             "Ratio: ours' steps over the baseline's; below 1 ours converges faster (DGAE's claim). Its 95% interval "
+             "comes from resamples of the samples shared by every checkpoint of a row; ∞ where ours does not reach "
+             "the level within the budget in enough resamples to exclude never reaching it. Verdict: reproduced where "
+             "the interval lies below 1, contradicted where above, inconclusive otherwise. No training-seed "
+             "variance: one DiT per row.", "",
+             "| ours vs baseline | level (baseline's last gFID) | steps to it: ours / baseline | "
+             "ratio [95% interval] | resamples reaching it | verdict |", "|---|---|---|---|---|---|"]
+    for item in comparisons:
+        reached = "not reached" if item["steps"] is None else (
+            f"≤ {item['steps']:,.0f} (the first checkpoint)" if item["at_first_budget"] else f"{item['steps']:,.0f}")
+        lines.append(f"| {labels[item['ours']]} vs {labels[item['baseline']]} | {item['level']:.1f} | {reached} / "
+                     f"{item['baseline_steps']:,.0f} | "
+                     f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
+                     f"**{item['verdict']}** |")
+    return lines
 
 
 def grid_name(slug: str, steps: int) -> str:
@@ -228,6 +239,7 @@ def main(cfg: DictConfig) -> dict:
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "budgets": budgets, "measured_steps": measured, "partial": measured != budgets,
             "samples": rows[0]["measurements"][0]["samples"],
+            "sampling": "; ".join(dict.fromkeys(m["sampling"] for row in rows for m in row["measurements"])),
             "dit": f"depth {first.ldm.depth}, width {first.ldm.hidden_size}, patch {first.ldm.patch_size}, "
                    f"{first.ldm.train.batch_size} latents per step"}
     results = {"meta": meta, "rows": rows, "comparisons": comparisons, "real_data_floor": floor}

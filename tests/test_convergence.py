@@ -4,6 +4,7 @@ import json
 import pytest
 
 from pipelines.configs import group_config
+from pipelines.convergence import render
 from pipelines.reproduce import run_config
 from shared.runtime import finished_result
 from shared.train.checkpoint import CheckpointDir
@@ -95,3 +96,22 @@ convergence:
     rerun = run_cli(*command, "reproduce.train=false", timeout=600)
     assert "== " not in rerun.stdout
     assert json.loads((out / "convergence.json").read_text())["comparisons"] == results["comparisons"]
+
+
+def test_the_table_names_its_sampler_and_leaves_out_the_comparison_section_when_the_preset_has_none():
+    measurements = [{"steps": steps, "gfid": gfid, "gfid_ci95": [gfid - 3, gfid + 3], "loss": 0.8}
+                    for steps, gfid in ((1200, 150.0), (2400, 120.0))]
+    rows = [{"label": "VAE f4", "slug": "vae_f4", "compression": "4×8×8", "measurements": measurements}]
+    meta = {"preset": "long", "command": "run.py", "machine": "cpu", "date": "2026-12-05", "wall_minutes": 1.0,
+            "budgets": [1200, 2400, 4800], "measured_steps": [1200, 2400], "partial": True, "samples": 500,
+            "sampling": "euler sampler, 25 steps, guidance 4, decoder NFE 3", "dit": "depth 6"}
+    floor = {"num_images": 500, "fid": 61.4, "fid_ci95": [58.0, 64.9]}
+    alone = render(rows, [], floor, meta)
+    assert "guidance 4" in alone and "**Partial**: the DiTs have not reached 4,800 steps yet." in alone
+    assert "How much of the baseline" not in alone and "samples_vae_f4_2400.png" in alone
+    versus = {"ours": "vae_f4", "baseline": "vae_f4", "level": 120.0, "steps": 2400.0, "at_first_budget": False,
+              "baseline_steps": 2400.0, "ratio": 1.0, "ratio_ci95": [0.8, 1.3], "reached": 0.6,
+              "verdict": "inconclusive"}
+    compared = render(rows, [versus], floor, meta)
+    assert "How much of the baseline" in compared and "| VAE f4 vs VAE f4 | 120.0 |" in compared
+    assert "the verdicts will change" in compared
