@@ -16,7 +16,9 @@ steps_to_match, gFID linear in log2 steps between checkpoints, the same rule for
 row samples the same labels and noise, so one bootstrap resample of the samples serves all of a row's checkpoints
 and keeps their correlation; both rows sample the same labels, and take the same resample. The verdict is the usual
 rule in DGAE's direction (a ratio below 1). One DiT per row: the interval holds no training-seed variance. The
-real-data floor says how low a gFID can go at the sample count.
+real-data floor says how low a gFID can go at the sample count; each row's decoder floor, how low its DiT's can go
+through its decoder: the same validation images encoded and decoded by the row's tokenizer (the pipeline's
+reconstruct step, in the row's folder), against the same reference.
 
 `reproduce.train=false` trains nothing and measures the checkpoints every row has; before the last checkpoint
 exists the comparison is marked partial (its level is the baseline's gFID at the last checkpoint measured). The
@@ -49,6 +51,7 @@ from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import bootstrap_counts, format_interval, steps_to_match, verdict  # noqa: E402
+from shared.metrics.paired import fid_spread, flat_metrics  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
 
 
@@ -84,6 +87,27 @@ def measure(pipeline: Pipeline, steps: int, losses: list[tuple[int, float]]) -> 
             "loss": float(np.mean(near)) if near else None, "samples": samples["num_samples"], "sampling": sampling,
             "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"),
             "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
+
+
+def decoder_floor(pipeline: Pipeline, floor: dict, reference: str) -> dict:
+    """The gFID of a DiT that sampled exactly the latents of the real-data `floor`'s validation images: those images
+    encoded and decoded by the row's tokenizer (the pipeline's reconstruct step, with the decoder settings the
+    samples are decoded with), against the `reference` statistics, with its bootstrap spread. The DiT's samples pass
+    through the same decoder, so no amount of DiT training brings its gFID far below this."""
+    from stage1_tokenizer.reconstruct import per_image_path
+
+    reconstruction = pipeline.run_step("reconstruct", pipeline.run_reconstruct)
+    if reconstruction["subset"] != floor["subset"]:
+        raise ConfigError(f"{pipeline.folder('reconstruct')} reconstructed other validation images "
+                          f"({reconstruction['subset']}) than the real-data floor's ({floor['subset']}): set "
+                          f"reconstruct.num_images to the sample count, sample.num_per_class × the classes")
+    with np.load(per_image_path(pipeline.folder("reconstruct"), reconstruction["decoder_nfe"])) as per_image:
+        decoded = torch.from_numpy(per_image["fake_features"])  # (N, 2048), row i: validation image i decoded
+    with np.load(reference) as statistics:
+        moments = (statistics["mu"], statistics["sigma"])
+    settings = pipeline.cfg.evaluate
+    fid = fid_spread(decoded, reference=moments, bootstrap=settings.bootstrap, seed=settings.subset_seed)
+    return {**flat_metrics({"fid": fid}), "decoder_nfe": reconstruction["decoder_nfe"]}
 
 
 def gfid_replicates(row: dict, counts: np.ndarray) -> np.ndarray:
@@ -125,13 +149,19 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
              f"seed), measured at each kept checkpoint on {meta['samples']} samples ({meta['sampling']}) against the "
              f"same reference: gFID with its 95% bootstrap interval, and the mean training loss logged over the second "
              f"half of the steps up to the checkpoint. Floor: {floor['num_images']} real validation images score FID "
-             f"{format_interval(floor['fid'], floor['fid_ci95'])}, the lowest gFID this sample count can show.", "",
-             "| row | latent | " + " | ".join(f"{steps:,} steps: gFID / loss" for steps in meta["measured_steps"]) +
-             " |", "|---|---|" + "---|" * len(meta["measured_steps"])]
+             f"{format_interval(floor['fid'], floor['fid_ci95'])}, the lowest gFID this sample count can show. "
+             f"Decoder floor: the same images encoded and decoded by the row's tokenizer, against the same reference: "
+             f"the gFID of a DiT that sampled exactly their latents, the lowest its DiT's samples, decoded the same "
+             f"way, can come near.", "",
+             "| row | latent | decoder floor | " +
+             " | ".join(f"{steps:,} steps: gFID / loss" for steps in meta["measured_steps"]) + " |",
+             "|---|---|---|" + "---|" * len(meta["measured_steps"])]
     for row in rows:
         cells = [f"{format_interval(m['gfid'], m['gfid_ci95'])} / "
                  f"{'n/a' if m['loss'] is None else format(m['loss'], '.4f')}" for m in row["measurements"]]
-        lines.append(f"| {row['label']} | {row['compression']} | " + " | ".join(cells) + " |")
+        decoded = row["decoder_floor"]
+        lines.append(f"| {row['label']} | {row['compression']} | "
+                     f"{format_interval(decoded['fid'], decoded['fid_ci95'])} | " + " | ".join(cells) + " |")
     if meta["partial"]:
         lines += ["", f"**Partial**: the DiTs have not reached {meta['budgets'][-1]:,} steps yet" + (
             f"; the level below is the baseline's gFID at {meta['measured_steps'][-1]:,} steps, and the verdicts will "
@@ -174,14 +204,17 @@ def grid_name(slug: str, steps: int) -> str:
 
 
 def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> None:
-    """gFID (with intervals) and training loss of every row against DiT steps; each comparison's level dashed."""
+    """gFID (with intervals) and training loss of every row against DiT steps; each comparison's level dashed
+    grey, each row's decoder floor dash-dotted in its colour."""
     figure, (gfid_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
     for row in rows:
         steps = [m["steps"] for m in row["measurements"]]
         gfids = np.array([m["gfid"] for m in row["measurements"]])
         bounds = np.array([m["gfid_ci95"] for m in row["measurements"]]).T
-        gfid_axis.errorbar(steps, gfids, yerr=[gfids - bounds[0], bounds[1] - gfids], marker="o", capsize=3,
-                           label=row["label"])
+        drawn = gfid_axis.errorbar(steps, gfids, yerr=[gfids - bounds[0], bounds[1] - gfids], marker="o", capsize=3,
+                                   label=row["label"])
+        gfid_axis.axhline(row["decoder_floor"]["fid"], linestyle="-.", linewidth=0.8, color=drawn.lines[0].get_color(),
+                          label=f"{row['label']}: decoder floor")
         losses = [m["loss"] for m in row["measurements"]]
         if None not in losses:
             loss_axis.plot(steps, losses, marker="o", label=row["label"])
@@ -220,21 +253,23 @@ def main(cfg: DictConfig) -> dict:
     if len(measured) < 2:
         raise ConfigError(f"fewer than two of the DiT checkpoints {budgets} exist in every row: run without "
                           f"reproduce.train=false to train them")
+    first = next(iter(pipelines.values())).cfg
+    floor = real_data_floor(first)
     rows = []
     for entry in preset["tokenizers"]:
         pipeline = pipelines[entry["slug"]]
         losses = logged_losses(pipeline)
+        measurements = [measure(pipeline, steps, losses) for steps in measured]
         rows.append({"label": entry["label"], "slug": entry["slug"], "compression": compression(pipeline.cfg),
-                     "measurements": [measure(pipeline, steps, losses) for steps in measured]})
+                     "measurements": measurements,
+                     "decoder_floor": decoder_floor(pipeline, floor, measurements[0]["reference"])})
     by_slug = {row["slug"]: row for row in rows}
-    first = next(iter(pipelines.values())).cfg
     comparisons = []
     for roles in preset["convergence"]:
         if not {roles["ours"], roles["baseline"]} <= set(by_slug):
             raise ConfigError(f"the preset {name} compares {roles['ours']} with {roles['baseline']}: keep both rows")
         comparisons.append(compare(by_slug[roles["ours"]], by_slug[roles["baseline"]], first.evaluate.bootstrap,
                                    first.evaluate.subset_seed))
-    floor = real_data_floor(first)
     meta = {"preset": name, "command": command_line(), "machine": machine(),
             "date": datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_minutes": (time.perf_counter() - began) / 60,
             "budgets": budgets, "measured_steps": measured, "partial": measured != budgets,

@@ -1,11 +1,16 @@
 """stage=convergence: the dgae32 preset, and a tiny DiT convergence study end to end."""
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from pipelines.configs import group_config
-from pipelines.convergence import render
+from pipelines.convergence import decoder_floor, render
 from pipelines.reproduce import run_config
+from shared.errors import ConfigError
+from shared.metrics.fid import feature_statistics
 from shared.runtime import finished_result
 from shared.train.checkpoint import CheckpointDir
 from tests.helpers import run_cli, tiny_preset_command
@@ -89,6 +94,12 @@ convergence:
     assert [m["gfid"] for m in rows["again"]["measurements"]] == pytest.approx(
         [m["gfid"] for m in rows["vae"]["measurements"]])
     assert same["ratio"] == pytest.approx(1.0) and same["verdict"] == "inconclusive" and same["reached"] == 1.0
+    # each row's decoder floor: the floor's validation images through its own tokenizer, reconstructed in its folder
+    for slug in ("vae", "dgae", "again"):
+        folder = tmp_path / "pipeline" / f"reproduce_tiny_conv_{slug}_s0"
+        assert finished_result(folder / "reconstruct")["subset"] == results["real_data_floor"]["subset"]
+    assert rows["again"]["decoder_floor"] == rows["vae"]["decoder_floor"]  # the same decoder of the same images
+    assert rows["dgae"]["decoder_floor"]["fid"] != rows["vae"]["decoder_floor"]["fid"]
     table = (out / "convergence.md").read_text()
     assert "| DGAE vs VAE |" in table and "Floor:" in table and (out / "convergence.png").is_file()
     assert all((out / f"samples_{slug}_{steps}.png").is_file() for slug in rows for steps in (2, 4))
@@ -101,7 +112,8 @@ convergence:
 def test_the_table_names_its_sampler_and_leaves_out_the_comparison_section_when_the_preset_has_none():
     measurements = [{"steps": steps, "gfid": gfid, "gfid_ci95": [gfid - 3, gfid + 3], "loss": 0.8}
                     for steps, gfid in ((1200, 150.0), (2400, 120.0))]
-    rows = [{"label": "VAE f4", "slug": "vae_f4", "compression": "4×8×8", "measurements": measurements}]
+    rows = [{"label": "VAE f4", "slug": "vae_f4", "compression": "4×8×8", "measurements": measurements,
+             "decoder_floor": {"fid": 109.3, "fid_ci95": [105.8, 112.8]}}]
     meta = {"preset": "long", "command": "run.py", "machine": "cpu", "date": "2026-12-05", "wall_minutes": 1.0,
             "budgets": [1200, 2400, 4800], "measured_steps": [1200, 2400], "partial": True, "samples": 500,
             "sampling": "euler sampler, 25 steps, guidance 4, decoder NFE 3", "dit": "depth 6"}
@@ -109,9 +121,31 @@ def test_the_table_names_its_sampler_and_leaves_out_the_comparison_section_when_
     alone = render(rows, [], floor, meta)
     assert "guidance 4" in alone and "**Partial**: the DiTs have not reached 4,800 steps yet." in alone
     assert "How much of the baseline" not in alone and "samples_vae_f4_2400.png" in alone
+    assert "| VAE f4 | 4×8×8 | 109.3 [105.8, 112.8] | 150.0 [147.0, 153.0] / 0.8000 |" in alone
     versus = {"ours": "vae_f4", "baseline": "vae_f4", "level": 120.0, "steps": 2400.0, "at_first_budget": False,
               "baseline_steps": 2400.0, "ratio": 1.0, "ratio_ci95": [0.8, 1.3], "reached": 0.6,
               "verdict": "inconclusive"}
     compared = render(rows, [versus], floor, meta)
     assert "How much of the baseline" in compared and "| VAE f4 vs VAE f4 | 120.0 |" in compared
     assert "the verdicts will change" in compared
+
+
+def test_the_decoder_floor_scores_the_decoded_floor_images_against_the_reference_and_refuses_other_images(tmp_path):
+    features = np.random.default_rng(0).normal(size=(300, 2048))  # the reference's images' Inception features
+    mu, sigma = feature_statistics(features)
+    np.savez(tmp_path / "reference.npz", mu=mu, sigma=sigma)
+    subset = {"split": "val", "images": 300, "seed": 0, "indices_sha256": "ab"}
+    folder = tmp_path / "reconstruct"
+    folder.mkdir()
+    # a decoder that returns every image shifted by 0.5 in each feature: FID |Δμ|² = 2048 × 0.25, Σ unchanged
+    np.savez(folder / "per_image_nfe3.npz", fake_features=features + 0.5, real_features=features)
+    reconstruction = {"subset": subset, "decoder_nfe": 3}
+    ran = []
+    pipeline = SimpleNamespace(cfg=OmegaConf.create({"evaluate": {"bootstrap": 4, "subset_seed": 0}}),
+                               folder=lambda step: tmp_path / step, run_reconstruct=None,
+                               run_step=lambda step, run: ran.append(step) or reconstruction)
+    floor = decoder_floor(pipeline, {"subset": subset}, str(tmp_path / "reference.npz"))
+    assert ran == ["reconstruct"] and floor["decoder_nfe"] == 3
+    assert floor["fid"] == pytest.approx(512.0, rel=1e-3) and floor["fid_ci95"][0] < floor["fid_ci95"][1]
+    with pytest.raises(ConfigError, match="reconstruct.num_images"):
+        decoder_floor(pipeline, {"subset": {**subset, "images": 500}}, str(tmp_path / "reference.npz"))
