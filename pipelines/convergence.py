@@ -18,7 +18,10 @@ and keeps their correlation; both rows sample the same labels, and take the same
 rule in DGAE's direction (a ratio below 1). One DiT per row: the interval holds no training-seed variance. The
 real-data floor says how low a gFID can go at the sample count; each row's decoder floor, how low its DiT's can go
 through its decoder: the same validation images encoded and decoded by the row's tokenizer (the pipeline's
-reconstruct step, in the row's folder), against the same reference.
+reconstruct step, in the row's folder), against the same reference. Whether the samples show their class is put
+in numbers by a nearest-centroid probe on the same Inception features (shared.metrics.class_probe: the share of a
+checkpoint's samples nearest the reference centroid of the class they were sampled for), read against the share of
+the floor's real images and of their decodes; it needs a reference of labelled images (the default).
 
 `reproduce.train=false` trains nothing and measures the checkpoints every row has; before the last checkpoint
 exists the comparison is marked partial (its level is the baseline's gFID at the last checkpoint measured). The
@@ -50,6 +53,8 @@ from pipelines.reproduce import compression, machine, open_preset, real_data_flo
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
+from shared.data.images import build_image_dataset  # noqa: E402
+from shared.metrics.class_probe import class_centroids, recognised_share  # noqa: E402
 from shared.metrics.intervals import bootstrap_counts, format_interval, steps_to_match, verdict  # noqa: E402
 from shared.metrics.paired import fid_spread, flat_metrics  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
@@ -85,15 +90,43 @@ def measure(pipeline: Pipeline, steps: int, losses: list[tuple[int, float]]) -> 
                 f"decoder NFE {samples['decoder_nfe']}")
     return {"steps": steps, "gfid": evaluation["fid"], "gfid_ci95": evaluation["fid_ci95"],
             "loss": float(np.mean(near)) if near else None, "samples": samples["num_samples"], "sampling": sampling,
-            "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"),
+            "grid": str(pipeline.folder(f"dit_{steps}_sample") / "grid.png"), "samples_file": samples["samples"],
             "sample_features": evaluation["sample_features"], "reference": evaluation["reference_path"]}
 
 
-def decoder_floor(pipeline: Pipeline, floor: dict, reference: str) -> dict:
+def reference_centroids(cfg: DictConfig, reference: str) -> np.ndarray | None:
+    """(C, D) class centroids of the gFID `reference`'s Inception features (shared.metrics.class_probe), or None
+    where the reference keeps no features or its images' labels cannot be read in the features' order (a stream, or
+    a reference that is not the evaluate settings' cached subset)."""
+    from shared.data.subsets import dataset_labels, evaluation_subset
+
+    settings = cfg.evaluate
+    with np.load(reference) as statistics:
+        if not {"features", "subset"} <= set(statistics.files):
+            return None
+        features, record = statistics["features"], json.loads(str(statistics["subset"]))
+    subset = evaluation_subset(cfg.data, settings.reference_split, settings.reference_images, settings.subset_seed)
+    if subset.total is None or {**subset.record(), "images": len(features)} != record:
+        return None
+    dataset = build_image_dataset(cfg.data, settings.reference_split)
+    labels = dataset_labels(dataset)
+    return class_centroids(features, labels if subset.indices is None else labels[subset.indices], dataset.num_classes)
+
+
+def recognised_samples(measured: dict, centroids: np.ndarray) -> dict:
+    """recognised_share of a checkpoint's samples, each for the class it was sampled for."""
+    with np.load(measured["samples_file"]) as samples:
+        labels = samples["arr_1"]  # (N,) the class of each sample, in the order of its features
+    return recognised_share(np.load(measured["sample_features"]), labels, centroids)
+
+
+def decoder_floor(pipeline: Pipeline, floor: dict, reference: str, centroids: np.ndarray | None) -> dict:
     """The gFID of a DiT that sampled exactly the latents of the real-data `floor`'s validation images: those images
     encoded and decoded by the row's tokenizer (the pipeline's reconstruct step, with the decoder settings the
     samples are decoded with), against the `reference` statistics, with its bootstrap spread. The DiT's samples pass
-    through the same decoder, so no amount of DiT training brings its gFID far below this."""
+    through the same decoder, so no amount of DiT training brings its gFID far below this. With `centroids`, also
+    the class probe's share of the decoded images ("recognised") and of their originals ("originals_recognised")."""
+    from shared.data.subsets import dataset_labels
     from stage1_tokenizer.reconstruct import per_image_path
 
     reconstruction = pipeline.run_step("reconstruct", pipeline.run_reconstruct)
@@ -102,12 +135,19 @@ def decoder_floor(pipeline: Pipeline, floor: dict, reference: str) -> dict:
                           f"({reconstruction['subset']}) than the real-data floor's ({floor['subset']}): set "
                           f"reconstruct.num_images to the sample count, sample.num_per_class × the classes")
     with np.load(per_image_path(pipeline.folder("reconstruct"), reconstruction["decoder_nfe"])) as per_image:
-        decoded = torch.from_numpy(per_image["fake_features"])  # (N, 2048), row i: validation image i decoded
+        # (N, 2048) each; row i: validation image `index[i]` and its decode
+        index, originals, decoded = per_image["index"], per_image["real_features"], per_image["fake_features"]
     with np.load(reference) as statistics:
         moments = (statistics["mu"], statistics["sigma"])
     settings = pipeline.cfg.evaluate
-    fid = fid_spread(decoded, reference=moments, bootstrap=settings.bootstrap, seed=settings.subset_seed)
-    return {**flat_metrics({"fid": fid}), "decoder_nfe": reconstruction["decoder_nfe"]}
+    fid = fid_spread(torch.from_numpy(decoded), reference=moments, bootstrap=settings.bootstrap,
+                     seed=settings.subset_seed)
+    result = {**flat_metrics({"fid": fid}), "decoder_nfe": reconstruction["decoder_nfe"]}
+    if centroids is not None:
+        labels = dataset_labels(build_image_dataset(pipeline.cfg.data, pipeline.cfg.reconstruct.split))[index]
+        result.update(recognised=recognised_share(decoded, labels, centroids),
+                      originals_recognised=recognised_share(originals, labels, centroids))
+    return result
 
 
 def gfid_replicates(row: dict, counts: np.ndarray) -> np.ndarray:
@@ -168,6 +208,8 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
             f"change." if comparisons else ".")]
     if comparisons:
         lines += comparison_section(comparisons, labels)
+    if all("recognised" in row["decoder_floor"] for row in rows):
+        lines += class_section(rows, meta)
     lines += ["", "## Samples", "", "The first samples of each class, one row per class, at each checkpoint:", "",
               "| row | " + " | ".join(f"{steps:,} steps" for steps in meta["measured_steps"]) + " |",
               "|---|" + "---|" * len(meta["measured_steps"])]
@@ -199,29 +241,73 @@ def comparison_section(comparisons: list[dict], labels: dict[str, str]) -> list[
     return lines
 
 
+def share_cell(probe: dict) -> str:
+    return format_interval(probe["share"], probe["ci95"], ".0%")
+
+
+def class_section(rows: list[dict], meta: dict) -> list[str]:
+    """The markdown lines of the class probe's table: the share recognised of each row's samples at each checkpoint
+    and of its decodes of the floor's images."""
+    originals = rows[0]["decoder_floor"]["originals_recognised"]  # the same images in every row (decoder_floor)
+    lines = ["", "## Do the samples show their class?", "",
+             "A nearest-centroid probe on the same Inception features (shared.metrics.class_probe): the share of "
+             "images whose feature lies nearest the centroid, over the reference images, of their class (for a "
+             "sample, the class it was sampled for), with its 95% Wilson interval. Chance is "
+             f"{1 / len(originals['per_class']):.0%}; the floor's {originals['n']} real validation images score "
+             f"{share_cell(originals)}, the most the probe recognises of real images. Decodes: the same images through "
+             "the row's tokenizer.", "",
+             "| row | decodes | " + " | ".join(f"{steps:,} steps" for steps in meta["measured_steps"]) + " |",
+             "|---|---|" + "---|" * len(meta["measured_steps"])]
+    for row in rows:
+        lines.append(f"| {row['label']} | {share_cell(row['decoder_floor']['recognised'])} | " +
+                     " | ".join(share_cell(m["recognised"]) for m in row["measurements"]) + " |")
+    return lines
+
+
 def grid_name(slug: str, steps: int) -> str:
     return f"samples_{slug}_{steps}.png"
 
 
+def error_bars(values: np.ndarray, intervals: list[list[float]]) -> list[np.ndarray]:
+    bounds = np.array(intervals).T
+    return [values - bounds[0], bounds[1] - values]
+
+
 def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> None:
-    """gFID (with intervals) and training loss of every row against DiT steps; each comparison's level dashed
-    grey, each row's decoder floor dash-dotted in its colour."""
-    figure, (gfid_axis, loss_axis) = plt.subplots(1, 2, figsize=(10, 3.8))
+    """gFID (with intervals) and training loss of every row against DiT steps, and the class probe's share where it
+    was measured; each comparison's level dashed grey, each row's decoder floor (and its decodes' share)
+    dash-dotted in its colour, the real images' floor and share dotted black."""
+    probed = all("recognised" in row["decoder_floor"] for row in rows)
+    figure, axes = plt.subplots(1, 3 if probed else 2, figsize=(15 if probed else 10, 3.8))
+    gfid_axis, loss_axis = axes[:2]
     for row in rows:
         steps = [m["steps"] for m in row["measurements"]]
         gfids = np.array([m["gfid"] for m in row["measurements"]])
-        bounds = np.array([m["gfid_ci95"] for m in row["measurements"]]).T
-        drawn = gfid_axis.errorbar(steps, gfids, yerr=[gfids - bounds[0], bounds[1] - gfids], marker="o", capsize=3,
-                                   label=row["label"])
-        gfid_axis.axhline(row["decoder_floor"]["fid"], linestyle="-.", linewidth=0.8, color=drawn.lines[0].get_color(),
+        drawn = gfid_axis.errorbar(steps, gfids, yerr=error_bars(gfids, [m["gfid_ci95"] for m in row["measurements"]]),
+                                   marker="o", capsize=3, label=row["label"])
+        colour = drawn.lines[0].get_color()
+        gfid_axis.axhline(row["decoder_floor"]["fid"], linestyle="-.", linewidth=0.8, color=colour,
                           label=f"{row['label']}: decoder floor")
         losses = [m["loss"] for m in row["measurements"]]
         if None not in losses:
-            loss_axis.plot(steps, losses, marker="o", label=row["label"])
+            loss_axis.plot(steps, losses, marker="o", color=colour, label=row["label"])
+        if probed:
+            shares = np.array([m["recognised"]["share"] for m in row["measurements"]])
+            axes[2].errorbar(steps, shares, yerr=error_bars(shares, [m["recognised"]["ci95"] for m in
+                                                                     row["measurements"]]),
+                             marker="o", capsize=3, color=colour, label=row["label"])
+            axes[2].axhline(row["decoder_floor"]["recognised"]["share"], linestyle="-.", linewidth=0.8, color=colour,
+                            label=f"{row['label']}: its decodes")
     for item in comparisons:
         gfid_axis.axhline(item["level"], linestyle="--", color="gray", linewidth=0.8)
     gfid_axis.axhline(floor["fid"], linestyle=":", color="black", linewidth=0.8, label="real-data floor")
-    for axis, label in ((gfid_axis, "gFID (95% interval)"), (loss_axis, "DiT training loss")):
+    labels = [(gfid_axis, "gFID (95% interval)"), (loss_axis, "DiT training loss")]
+    if probed:
+        originals = rows[0]["decoder_floor"]["originals_recognised"]
+        axes[2].axhline(originals["share"], linestyle=":", color="black", linewidth=0.8, label="real images")
+        axes[2].axhline(1 / len(originals["per_class"]), linestyle="--", color="gray", linewidth=0.8, label="chance")
+        labels.append((axes[2], "samples recognised by class (95%)"))
+    for axis, label in labels:
         axis.set_xscale("log", base=2)
         axis.set_xlabel("DiT training steps")
         axis.set_ylabel(label)
@@ -255,14 +341,20 @@ def main(cfg: DictConfig) -> dict:
                           f"reproduce.train=false to train them")
     first = next(iter(pipelines.values())).cfg
     floor = real_data_floor(first)
-    rows = []
+    rows, centroids = [], {}
     for entry in preset["tokenizers"]:
         pipeline = pipelines[entry["slug"]]
         losses = logged_losses(pipeline)
         measurements = [measure(pipeline, steps, losses) for steps in measured]
+        reference = measurements[0]["reference"]
+        if reference not in centroids:
+            centroids[reference] = reference_centroids(pipeline.cfg, reference)
+        if centroids[reference] is not None:
+            for measurement in measurements:
+                measurement["recognised"] = recognised_samples(measurement, centroids[reference])
         rows.append({"label": entry["label"], "slug": entry["slug"], "compression": compression(pipeline.cfg),
                      "measurements": measurements,
-                     "decoder_floor": decoder_floor(pipeline, floor, measurements[0]["reference"])})
+                     "decoder_floor": decoder_floor(pipeline, floor, reference, centroids[reference])})
     by_slug = {row["slug"]: row for row in rows}
     comparisons = []
     for roles in preset["convergence"]:

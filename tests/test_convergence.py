@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipelines.configs import group_config
-from pipelines.convergence import decoder_floor, render
+from pipelines.convergence import decoder_floor, reference_centroids, render
 from pipelines.reproduce import run_config
 from shared.errors import ConfigError
 from shared.metrics.fid import feature_statistics
@@ -100,8 +100,13 @@ convergence:
         assert finished_result(folder / "reconstruct")["subset"] == results["real_data_floor"]["subset"]
     assert rows["again"]["decoder_floor"] == rows["vae"]["decoder_floor"]  # the same decoder of the same images
     assert rows["dgae"]["decoder_floor"]["fid"] != rows["vae"]["decoder_floor"]["fid"]
+    # the class probe: every checkpoint's samples and every row's decodes, against the real images' share
+    assert all(0 <= m["recognised"]["share"] <= 1 and m["recognised"]["n"] == 10
+               for row in rows.values() for m in row["measurements"])
+    assert rows["again"]["decoder_floor"]["recognised"] == rows["vae"]["decoder_floor"]["recognised"]
     table = (out / "convergence.md").read_text()
     assert "| DGAE vs VAE |" in table and "Floor:" in table and (out / "convergence.png").is_file()
+    assert "Do the samples show their class?" in table
     assert all((out / f"samples_{slug}_{steps}.png").is_file() for slug in rows for steps in (2, 4))
     # reproduce.train=false measures what exists, training nothing, with the same numbers
     rerun = run_cli(*command, "reproduce.train=false", timeout=600)
@@ -122,6 +127,15 @@ def test_the_table_names_its_sampler_and_leaves_out_the_comparison_section_when_
     assert "guidance 4" in alone and "**Partial**: the DiTs have not reached 4,800 steps yet." in alone
     assert "How much of the baseline" not in alone and "samples_vae_f4_2400.png" in alone
     assert "| VAE f4 | 4×8×8 | 109.3 [105.8, 112.8] | 150.0 [147.0, 153.0] / 0.8000 |" in alone
+    assert "Do the samples show their class?" not in alone  # no probe measured
+    probe = lambda share: {"share": share, "ci95": [share - 0.04, share + 0.04], "n": 500,  # noqa: E731
+                           "per_class": [share] * 10}
+    rows[0]["decoder_floor"].update(recognised=probe(0.62), originals_recognised=probe(0.81))
+    for measurement, share in zip(measurements, (0.3, 0.5)):
+        measurement["recognised"] = probe(share)
+    probed = render(rows, [], floor, meta)
+    assert "Chance is 10%; the floor's 500 real validation images score 81% [77%, 85%]" in probed
+    assert "| VAE f4 | 62% [58%, 66%] | 30% [26%, 34%] | 50% [46%, 54%] |" in probed
     versus = {"ours": "vae_f4", "baseline": "vae_f4", "level": 120.0, "steps": 2400.0, "at_first_budget": False,
               "baseline_steps": 2400.0, "ratio": 1.0, "ratio_ci95": [0.8, 1.3], "reached": 0.6,
               "verdict": "inconclusive"}
@@ -138,14 +152,40 @@ def test_the_decoder_floor_scores_the_decoded_floor_images_against_the_reference
     folder = tmp_path / "reconstruct"
     folder.mkdir()
     # a decoder that returns every image shifted by 0.5 in each feature: FID |Δμ|² = 2048 × 0.25, Σ unchanged
-    np.savez(folder / "per_image_nfe3.npz", fake_features=features + 0.5, real_features=features)
+    np.savez(folder / "per_image_nfe3.npz", index=np.arange(300), fake_features=features + 0.5, real_features=features)
     reconstruction = {"subset": subset, "decoder_nfe": 3}
     ran = []
-    pipeline = SimpleNamespace(cfg=OmegaConf.create({"evaluate": {"bootstrap": 4, "subset_seed": 0}}),
+    data = {"kind": "synthetic", "resolution": 8, "num_classes": 3, "train_size": 30, "val_size": 300}
+    pipeline = SimpleNamespace(cfg=OmegaConf.create({"evaluate": {"bootstrap": 4, "subset_seed": 0}, "data": data,
+                                                     "reconstruct": {"split": "val"}}),
                                folder=lambda step: tmp_path / step, run_reconstruct=None,
                                run_step=lambda step, run: ran.append(step) or reconstruction)
-    floor = decoder_floor(pipeline, {"subset": subset}, str(tmp_path / "reference.npz"))
-    assert ran == ["reconstruct"] and floor["decoder_nfe"] == 3
+    floor = decoder_floor(pipeline, {"subset": subset}, str(tmp_path / "reference.npz"), None)
+    assert ran == ["reconstruct"] and floor["decoder_nfe"] == 3 and "recognised" not in floor
     assert floor["fid"] == pytest.approx(512.0, rel=1e-3) and floor["fid_ci95"][0] < floor["fid_ci95"][1]
     with pytest.raises(ConfigError, match="reconstruct.num_images"):
-        decoder_floor(pipeline, {"subset": {**subset, "images": 500}}, str(tmp_path / "reference.npz"))
+        decoder_floor(pipeline, {"subset": {**subset, "images": 500}}, str(tmp_path / "reference.npz"), None)
+    # with class centroids: a decoder that moves image i (synthetic label i mod 3) far toward its class's centroid
+    centroids = np.eye(3, 2048) * 20.0
+    labels = np.arange(300) % 3
+    np.savez(folder / "per_image_nfe3.npz", index=np.arange(300), fake_features=features + centroids[labels],
+             real_features=features)
+    probed = decoder_floor(pipeline, {"subset": subset}, str(tmp_path / "reference.npz"), centroids)
+    assert probed["recognised"]["share"] == 1.0 and probed["recognised"]["n"] == 300
+    low, high = probed["originals_recognised"]["ci95"]  # the originals' features ignore their class: chance
+    assert low < 1 / 3 < high
+
+
+def test_class_centroids_come_from_the_reference_features_of_the_evaluate_settings_labelled_images(tmp_path):
+    data = {"kind": "synthetic", "resolution": 8, "num_classes": 3, "train_size": 30, "val_size": 9}
+    cfg = OmegaConf.create({"data": data, "evaluate": {"reference_split": "train", "reference_images": None,
+                                                       "subset_seed": 0}})
+    features = np.eye(3, 16)[np.arange(30) % 3] * 5.0  # synthetic image i has label i mod 3
+    record = {"split": "train", "images": 30, "of": 30, "selection": "all"}
+    np.savez(tmp_path / "reference.npz", features=features, subset=np.array(json.dumps(record)))
+    assert reference_centroids(cfg, str(tmp_path / "reference.npz")) == pytest.approx(np.eye(3, 16) * 5.0)
+    other = {**record, "selection": "class-stratified random subset"}  # features of other images: no labels known
+    np.savez(tmp_path / "other.npz", features=features, subset=np.array(json.dumps(other)))
+    np.savez(tmp_path / "bare.npz", mu=features.mean(0))  # a reference with statistics only
+    assert reference_centroids(cfg, str(tmp_path / "other.npz")) is None
+    assert reference_centroids(cfg, str(tmp_path / "bare.npz")) is None

@@ -8,7 +8,7 @@ from scipy import stats
 from shared.metrics.fid import feature_statistics, frechet_distance
 from shared.metrics.fid_bootstrap import FrechetBootstrap, difference
 from shared.metrics.intervals import (log_step_trend, mean_interval, normal_interval, paired_image_differences,
-                                      replicate_evaluation_variance, seeded_difference,
+                                      proportion_interval, replicate_evaluation_variance, seeded_difference,
                                       seeded_difference_of_differences, steps_to_match, steps_to_reach, verdict)
 
 
@@ -26,6 +26,13 @@ def test_mean_interval_covers_the_true_mean_95_percent_of_the_time():
     covered = [low <= 1.5 <= high for low, high in
                (mean_interval(rng.normal(1.5, 2.0, size=12))["ci95"] for _ in range(2000))]
     assert abs(np.mean(covered) - 0.95) < 0.015
+
+
+@pytest.mark.parametrize("successes, n", [(0, 10), (3, 10), (10, 10), (81, 263), (499, 500)])
+def test_proportion_interval_is_wilsons(successes, n):
+    expected = stats.binomtest(successes, n).proportion_ci(0.95, method="wilson")
+    assert proportion_interval(successes, n) == pytest.approx([expected.low, expected.high], abs=1e-9)
+    assert proportion_interval(0, 0) is None
 
 
 def test_normal_interval_and_verdicts():

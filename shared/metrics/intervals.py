@@ -2,6 +2,8 @@
 
 - `mean_interval(values)`: mean of per-image values (PSNR, SSIM, LPIPS, or paired differences of two tokenizers on
   the same images) with its Student-t 95% interval.
+- `proportion_interval(successes, n)`: the Wilson 95% interval of a share (e.g. the samples a class probe
+  recognises), which stays inside [0, 1] and does not collapse at a share of 0 or 1 as the normal one does.
 - `normal_interval(estimate, std)`: estimate ± 1.96 std, for statistics whose spread comes from a bootstrap (FID).
   Centred on the estimate on purpose: FID is biased upwards at small sample counts and a resample (with its
   duplicated images) is biased further, so a percentile interval of bootstrap FIDs can miss the estimate itself.
@@ -70,6 +72,17 @@ def mean_interval(values, confidence: float = CONFIDENCE) -> dict:
         return {"mean": mean, "ci95": None, "n": 1}
     half_width = stdtrit(n - 1, (1 + confidence) / 2) * values.std(ddof=1) / math.sqrt(n)
     return {"mean": mean, "ci95": [mean - half_width, mean + half_width], "n": n}
+
+
+def proportion_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> list[float] | None:
+    """The Wilson score interval [low, high] of the share successes / n (None for n = 0)."""
+    if n == 0:
+        return None
+    z = float(ndtri((1 + confidence) / 2))
+    share = successes / n
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half_width = z / (1 + z * z / n) * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return [max(0.0, centre - half_width), min(1.0, centre + half_width)]
 
 
 def normal_interval(estimate: float, std: float) -> list[float]:
