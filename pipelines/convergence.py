@@ -50,11 +50,11 @@ from pipelines.configs import command_line  # noqa: E402
 from pipelines.pipeline import Pipeline  # noqa: E402
 from pipelines.plots import save_figure  # noqa: E402
 from pipelines.reproduce import compression, machine, open_preset, real_data_floor, run_config  # noqa: E402
+from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
-from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
-from shared.data.images import build_image_dataset  # noqa: E402
 from shared.metrics.class_probe import class_centroids, recognised_share  # noqa: E402
+from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import bootstrap_counts, format_interval, steps_to_match, verdict  # noqa: E402
 from shared.metrics.paired import fid_spread, flat_metrics  # noqa: E402
 from shared.train.checkpoint import CheckpointDir  # noqa: E402
