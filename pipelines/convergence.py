@@ -276,18 +276,19 @@ def error_bars(values: np.ndarray, intervals: list[list[float]]) -> list[np.ndar
 def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> None:
     """gFID (with intervals) and training loss of every row against DiT steps, and the class probe's share where it
     was measured; each comparison's level dashed grey, each row's decoder floor (and its decodes' share)
-    dash-dotted in its colour, the real images' floor and share dotted black."""
+    dash-dotted in the row's colour, the real images' floor and share dotted black."""
     probed = all("recognised" in row["decoder_floor"] for row in rows)
     figure, axes = plt.subplots(1, 3 if probed else 2, figsize=(15 if probed else 10, 3.8))
     gfid_axis, loss_axis = axes[:2]
-    for row in rows:
+    for index, row in enumerate(rows):
         steps = [m["steps"] for m in row["measurements"]]
         gfids = np.array([m["gfid"] for m in row["measurements"]])
         drawn = gfid_axis.errorbar(steps, gfids, yerr=error_bars(gfids, [m["gfid_ci95"] for m in row["measurements"]]),
                                    marker="o", capsize=3, label=row["label"])
         colour = drawn.lines[0].get_color()
+        # one legend entry for all the rows' floors (each in its row's colour), so that the legend leaves the curves be
         gfid_axis.axhline(row["decoder_floor"]["fid"], linestyle="-.", linewidth=0.8, color=colour,
-                          label=f"{row['label']}: decoder floor")
+                          label="decoder floors" if index == 0 else None)
         losses = [m["loss"] for m in row["measurements"]]
         if None not in losses:
             loss_axis.plot(steps, losses, marker="o", color=colour, label=row["label"])
@@ -297,7 +298,7 @@ def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> N
                                                                      row["measurements"]]),
                              marker="o", capsize=3, color=colour, label=row["label"])
             axes[2].axhline(row["decoder_floor"]["recognised"]["share"], linestyle="-.", linewidth=0.8, color=colour,
-                            label=f"{row['label']}: its decodes")
+                            label="decodes of real images" if index == 0 else None)
     for item in comparisons:
         gfid_axis.axhline(item["level"], linestyle="--", color="gray", linewidth=0.8)
     gfid_axis.axhline(floor["fid"], linestyle=":", color="black", linewidth=0.8, label="real-data floor")
