@@ -201,7 +201,7 @@ def dit_from_diffusers(config: dict, diffusers_state: dict[str, torch.Tensor],
     where its blocks' embeddings differ."""
     class_name = config.get("_class_name", DIFFUSERS_DIT_CLASS)
     if class_name not in (DIFFUSERS_DIT_CLASS, "Transformer2DModel"):  # the older name of DiT pipelines
-        raise DataError(f"{source} is a {class_name}, not a {DIFFUSERS_DIT_CLASS}")
+        raise DataError(f"{source} is a {class_name!r}, not a {DIFFUSERS_DIT_CLASS}")
     settings = {**DIFFUSERS_DIT_DEFAULTS, **{k: v for k, v in config.items() if k in DIFFUSERS_DIT_DEFAULTS}}
     check_values(settings, diffusers_dit_schema(WeightsExtent.of(diffusers_state)), source)
     if settings["sample_size"] % settings["patch_size"]:
