@@ -328,8 +328,10 @@ def cell(row: dict, key: str, spec: str = ".1f", source: Callable[[dict], dict] 
 
 
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
-    # A one-pass decoder (the VAE) has a single rFID; diffusion decoders one per NFE of the sweep.
+    # A one-pass decoder (the VAE) has a single rFID; diffusion decoders one per NFE of the sweep. Without a sweep
+    # (every row measured at one NFE) the rFID column says it all: no sweep column.
     sweep = sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
+    sweep_header = f"rFID (NFE {' / '.join(map(str, sweep))}) | " if sweep else ""
     scales = sorted({scale for row in rows for scale in row.get("gfid_by_cfg", {})}, key=float)
     resolutions = sorted({px for row in rows for px in row.get("by_resolution", {})}, key=int)
     lines = [f"# Reproduction: {meta['preset']}", "",
@@ -339,20 +341,21 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
              "A row trained with one seed shows 95% intervals over the images in brackets: FID ± 1.96 bootstrap "
              "standard deviations, PSNR/LPIPS Student t, images/s the range over the timed batches. A row trained "
              "with several seeds shows the mean over seeds and, in parentheses, each seed's value.", "",
-             f"| tokenizer | latent | seeds | rFID (NFE {' / '.join(map(str, sweep))}) | rFID | PSNR | LPIPS (VGG) | "
-             f"gFID | " + "".join(f"gFID, CFG {scale} | " for scale in scales) + "images/s: DiT / decode / end-to-end |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(scales) + "---|"]
+             f"| tokenizer | latent | seeds | {sweep_header}rFID | PSNR | LPIPS (VGG) | gFID | " +
+             "".join(f"gFID, CFG {scale} | " for scale in scales) + "images/s: DiT / decode / end-to-end |",
+             "|---|---|---|" + "---|" * bool(sweep) + "---|---|---|---|" + "---|" * len(scales) + "---|"]
     for row in rows:
         by_nfe = row["rfid_by_nfe"]
-        rfid = (f"{next(iter(by_nfe.values())):.1f} (one pass)" if len(by_nfe) == 1 else
-                " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—" for nfe in sweep))
+        rfid = "" if not sweep else (f"{next(iter(by_nfe.values())):.1f} (one pass) | " if len(by_nfe) == 1 else
+                                     " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—"
+                                                for nfe in sweep) + " | ")
         speed = row["images_per_s"]
         guided = "".join(f"{cell(row, 'gfid', source=lambda run, s=scale: run.get('gfid_by_cfg', {}).get(s, {}))} | "
                          for scale in scales)
         speeds = "n/a" if speed is None else (f"{speed['ldm']:.1f} / {speed['decode']:.1f} / "
                                               f"{format_interval(speed['total'], speed['range']['total'])}")
         lines.append(f"| {row['label']} | {row['compression']} ({'×'.join(map(str, row['latent_shape']))}) | "
-                     f"{len(row.get('runs') or [row])} | {rfid} | {cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | "
+                     f"{len(row.get('runs') or [row])} | {rfid}{cell(row, 'rfid')} | {cell(row, 'psnr', '.2f')} | "
                      f"{cell(row, 'lpips', '.3f')} | {cell(row, 'gfid')} | {guided}{speeds} |")
     if any(row.get("noise_std") is not None for row in rows):
         lines += ["", "Decoder diagnostics (the same images): noise σ is the per-pixel standard deviation between "

@@ -222,6 +222,14 @@ def test_table_and_plots_are_written(rows, tmp_path):
     assert "**reproduced**" in table and "## Claims" in table
     reproduce.plot(chosen, tmp_path)
     assert (tmp_path / "gfid_vs_throughput.png").stat().st_size > 0 and (tmp_path / "rfid_vs_nfe.png").is_file()
+    # measured at one decoder NFE (a preset without an NFE sweep): no sweep column, and no "one pass" for a
+    # diffusion decoder
+    unswept = reproduce.render_table([rows["vae"], {**rows["eps8"], "rfid_by_nfe": {"3": 1.0}}], claims, meta)
+    assert "rFID (NFE" not in unswept and "one pass" not in unswept
+    assert "| EPS8 | f8×4 (4×8×8) | 1 | 1.0 [0.8, 1.2] | 20.00 [19.50, 20.50] |" in unswept
+    lines = unswept.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("| tokenizer | latent |")))
+    assert len({line.count("|") for line in lines[at:at + 4]}) == 1  # header, separator and both rows
 
 
 def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(tmp_path):
