@@ -96,8 +96,8 @@ def measure(pipeline: Pipeline, steps: int, losses: list[tuple[int, float]]) -> 
 
 def reference_centroids(cfg: DictConfig, reference: str) -> np.ndarray | None:
     """(C, D) class centroids of the gFID `reference`'s Inception features (shared.metrics.class_probe), or None
-    where the reference keeps no features or its images' labels cannot be read in the features' order (a stream, or
-    a reference that is not the evaluate settings' cached subset)."""
+    where the reference keeps no features, its images' labels cannot be read in the features' order (a stream, or
+    a reference that is not the evaluate settings' cached subset) or it lacks a class (fewer images than classes)."""
     from shared.data.subsets import dataset_labels, evaluation_subset
 
     settings = cfg.evaluate
@@ -110,7 +110,10 @@ def reference_centroids(cfg: DictConfig, reference: str) -> np.ndarray | None:
         return None
     dataset = build_image_dataset(cfg.data, settings.reference_split)
     labels = dataset_labels(dataset)
-    return class_centroids(features, labels if subset.indices is None else labels[subset.indices], dataset.num_classes)
+    labels = labels if subset.indices is None else labels[subset.indices]
+    if not np.bincount(labels, minlength=dataset.num_classes).all():
+        return None
+    return class_centroids(features, labels, dataset.num_classes)
 
 
 def recognised_samples(measured: dict, centroids: np.ndarray) -> dict:

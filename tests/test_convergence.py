@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from pipelines.configs import group_config
 from pipelines.convergence import decoder_floor, reference_centroids, render
 from pipelines.reproduce import run_config
+from shared.data.subsets import evaluation_subset
 from shared.errors import ConfigError
 from shared.metrics.fid import feature_statistics
 from shared.runtime import finished_result
@@ -189,3 +190,7 @@ def test_class_centroids_come_from_the_reference_features_of_the_evaluate_settin
     np.savez(tmp_path / "bare.npz", mu=features.mean(0))  # a reference with statistics only
     assert reference_centroids(cfg, str(tmp_path / "other.npz")) is None
     assert reference_centroids(cfg, str(tmp_path / "bare.npz")) is None
+    two = OmegaConf.merge(cfg, {"evaluate": {"reference_images": 2}})  # 2 images of 3 classes: one has no centroid
+    record = {**evaluation_subset(data, "train", 2, 0).record(), "images": 2}
+    np.savez(tmp_path / "two.npz", features=features[:2], subset=np.array(json.dumps(record)))
+    assert reference_centroids(two, str(tmp_path / "two.npz")) is None
