@@ -53,7 +53,7 @@ from pipelines.reproduce import compression, machine, open_preset, real_data_flo
 from shared.data.images import build_image_dataset  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
 from shared.files import json_text  # noqa: E402
-from shared.metrics.class_probe import class_centroids, recognised_share  # noqa: E402
+from shared.metrics.class_probe import class_centroids, covers_every_class, recognised_share  # noqa: E402
 from shared.metrics.fid_bootstrap import FrechetBootstrap  # noqa: E402
 from shared.metrics.intervals import bootstrap_counts, format_interval, steps_to_match, verdict  # noqa: E402
 from shared.metrics.paired import fid_spread, flat_metrics  # noqa: E402
@@ -111,7 +111,7 @@ def reference_centroids(cfg: DictConfig, reference: str) -> np.ndarray | None:
     dataset = build_image_dataset(cfg.data, settings.reference_split)
     labels = dataset_labels(dataset)
     labels = labels if subset.indices is None else labels[subset.indices]
-    if not np.bincount(labels, minlength=dataset.num_classes).all():
+    if not covers_every_class(labels, dataset.num_classes):
         return None
     return class_centroids(features, labels, dataset.num_classes)
 

@@ -14,10 +14,16 @@ import numpy as np
 from shared.metrics.intervals import proportion_interval
 
 
+def covers_every_class(labels: np.ndarray, num_classes: int) -> bool:
+    """Whether the (N,) `labels` are classes 0..num_classes − 1 with every class at least once."""
+    counts = np.bincount(labels, minlength=num_classes)
+    return counts.size == num_classes and bool(counts.all())
+
+
 def class_centroids(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
     """(C, D) mean feature of each class of (N, D) `features` with (N,) `labels`; every class needs an image."""
     counts = np.bincount(labels, minlength=num_classes)
-    if counts.size > num_classes or not counts.all():
+    if not covers_every_class(labels, num_classes):
         raise ValueError(f"labels must cover the classes 0..{num_classes - 1}, each at least once (counts {counts})")
     sums = np.zeros((num_classes, features.shape[1]))
     np.add.at(sums, labels, features.astype(np.float64))
