@@ -211,7 +211,7 @@ def render(rows: list[dict], comparisons: list[dict], floor: dict, meta: dict) -
             f"change." if comparisons else ".")]
     if comparisons:
         lines += comparison_section(comparisons, labels)
-    if all("recognised" in row["decoder_floor"] for row in rows):
+    if probed(rows):
         lines += class_section(rows, meta)
     lines += ["", "## Samples", "", "The first samples of each class, one row per class, at each checkpoint:", "",
               "| row | " + " | ".join(f"{steps:,} steps" for steps in meta["measured_steps"]) + " |",
@@ -242,6 +242,11 @@ def comparison_section(comparisons: list[dict], labels: dict[str, str]) -> list[
                      f"{format_interval(item['ratio'], item['ratio_ci95'], '.2f')} | {item['reached']:.0%} | "
                      f"**{item['verdict']}** |")
     return lines
+
+
+def probed(rows: list[dict]) -> bool:
+    """Whether the class probe measured every row (a reference of labelled images)."""
+    return all("recognised" in row["decoder_floor"] for row in rows)
 
 
 def share_cell(probe: dict) -> str:
@@ -280,8 +285,8 @@ def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> N
     """gFID (with intervals) and training loss of every row against DiT steps, and the class probe's share where it
     was measured; each comparison's level dashed grey, each row's decoder floor (and its decodes' share)
     dash-dotted in the row's colour, the real images' floor and share dotted black."""
-    probed = all("recognised" in row["decoder_floor"] for row in rows)
-    figure, axes = plt.subplots(1, 3 if probed else 2, figsize=(15 if probed else 10, 3.8))
+    with_probe = probed(rows)
+    figure, axes = plt.subplots(1, 3 if with_probe else 2, figsize=(15 if with_probe else 10, 3.8))
     gfid_axis, loss_axis = axes[:2]
     for index, row in enumerate(rows):
         steps = [m["steps"] for m in row["measurements"]]
@@ -295,7 +300,7 @@ def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> N
         losses = [m["loss"] for m in row["measurements"]]
         if None not in losses:
             loss_axis.plot(steps, losses, marker="o", color=colour, label=row["label"])
-        if probed:
+        if with_probe:
             shares = np.array([m["recognised"]["share"] for m in row["measurements"]])
             axes[2].errorbar(steps, shares, yerr=error_bars(shares, [m["recognised"]["ci95"] for m in
                                                                      row["measurements"]]),
@@ -306,7 +311,7 @@ def plot(rows: list[dict], comparisons: list[dict], floor: dict, out: Path) -> N
         gfid_axis.axhline(item["level"], linestyle="--", color="gray", linewidth=0.8)
     gfid_axis.axhline(floor["fid"], linestyle=":", color="black", linewidth=0.8, label="real-data floor")
     labels = [(gfid_axis, "gFID (95% interval)"), (loss_axis, "DiT training loss")]
-    if probed:
+    if with_probe:
         originals = rows[0]["decoder_floor"]["originals_recognised"]
         axes[2].axhline(originals["share"], linestyle=":", color="black", linewidth=0.8, label="real images")
         axes[2].axhline(1 / len(originals["per_class"]), linestyle="--", color="gray", linewidth=0.8, label="chance")
