@@ -327,10 +327,15 @@ def cell(row: dict, key: str, spec: str = ".1f", source: Callable[[dict], dict] 
     return f"{np.mean(values):{spec}} ({' / '.join(f'{value:{spec}}' for value in values)})"
 
 
+def swept_nfes(rows: list[dict]) -> list[int]:
+    """The decoder NFEs of the preset's sweep; none when every row was measured at one NFE. A one-pass decoder (the
+    VAE) has a single rFID whatever the sweep, diffusion decoders one per NFE of the sweep."""
+    return sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
+
+
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
-    # A one-pass decoder (the VAE) has a single rFID; diffusion decoders one per NFE of the sweep. Without a sweep
-    # (every row measured at one NFE) the rFID column says it all: no sweep column.
-    sweep = sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
+    # Without a sweep the rFID column says it all: no sweep column.
+    sweep = swept_nfes(rows)
     sweep_header = f"rFID (NFE {' / '.join(map(str, sweep))}) | " if sweep else ""
     scales = sorted({scale for row in rows for scale in row.get("gfid_by_cfg", {})}, key=float)
     resolutions = sorted({px for row in rows for px in row.get("by_resolution", {})}, key=int)
@@ -432,6 +437,12 @@ def plot(rows: list[dict], out: Path) -> None:
     generated = [row for row in rows if row["gfid"] is not None and row["images_per_s"] is not None]
     if generated:
         plot_gfid_against_throughput(generated, out)
+    if swept_nfes(rows):  # without a sweep every row would draw as a one-pass decoder's flat line
+        plot_rfid_against_nfe(rows, out)
+
+
+def plot_rfid_against_nfe(rows: list[dict], out: Path) -> None:
+    """Seed 0's rFID of each row against the decoder NFE; a one-pass decoder as a flat dashed line."""
     figure, axis = plt.subplots(figsize=(5, 4))
     for row in rows:
         nfes = [int(n) for n in row["rfid_by_nfe"]]

@@ -230,6 +230,11 @@ def test_table_and_plots_are_written(rows, tmp_path):
     lines = unswept.splitlines()
     at = lines.index(next(line for line in lines if line.startswith("| tokenizer | latent |")))
     assert len({line.count("|") for line in lines[at:at + 4]}) == 1  # header, separator and both rows
+    # nor an rFID-by-NFE plot, whose flat lines would call every decoder one pass
+    (tmp_path / "unswept").mkdir()
+    reproduce.plot([rows["vae"], {**rows["eps8"], "rfid_by_nfe": {"3": 1.0}}], tmp_path / "unswept")
+    assert (tmp_path / "unswept" / "gfid_vs_throughput.png").is_file()
+    assert not (tmp_path / "unswept" / "rfid_vs_nfe.png").exists()
 
 
 def test_real_data_floor_takes_as_many_real_images_as_samples_from_every_class(tmp_path):
