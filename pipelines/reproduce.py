@@ -333,6 +333,13 @@ def swept_nfes(rows: list[dict]) -> list[int]:
     return sorted({int(nfe) for row in rows if len(row["rfid_by_nfe"]) > 1 for nfe in row["rfid_by_nfe"]})
 
 
+def sweep_cell(by_nfe: dict[str, float], sweep: list[int]) -> str:
+    """A row's rFID at each NFE of the sweep ("—" where it was not measured), or a one-pass decoder's one rFID."""
+    if len(by_nfe) == 1:
+        return f"{next(iter(by_nfe.values())):.1f} (one pass)"
+    return " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—" for nfe in sweep)
+
+
 def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | None = None) -> str:
     # Without a sweep the rFID column says it all: no sweep column.
     sweep = swept_nfes(rows)
@@ -350,10 +357,7 @@ def render_table(rows: list[dict], claim: list[dict], meta: dict, floor: dict | 
              "".join(f"gFID, CFG {scale} | " for scale in scales) + "images/s: DiT / decode / end-to-end |",
              "|---|---|---|" + "---|" * bool(sweep) + "---|---|---|---|" + "---|" * len(scales) + "---|"]
     for row in rows:
-        by_nfe = row["rfid_by_nfe"]
-        rfid = "" if not sweep else (f"{next(iter(by_nfe.values())):.1f} (one pass) | " if len(by_nfe) == 1 else
-                                     " / ".join(f"{by_nfe[str(nfe)]:.1f}" if str(nfe) in by_nfe else "—"
-                                                for nfe in sweep) + " | ")
+        rfid = f"{sweep_cell(row['rfid_by_nfe'], sweep)} | " if sweep else ""
         speed = row["images_per_s"]
         guided = "".join(f"{cell(row, 'gfid', source=lambda run, s=scale: run.get('gfid_by_cfg', {}).get(s, {}))} | "
                          for scale in scales)

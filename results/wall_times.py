@@ -55,8 +55,8 @@ def minutes(spans: list[tuple[float, float]]) -> dict:
 def run_times(folder: Path) -> dict:
     """{step: {minutes, paused}} for every finished step of the run, the DiT checkpoints' measurement and the
     total."""
-    seconds = folder / "seconds.json"  # written when the run's first step finishes
-    recorded = json.loads(seconds.read_text()) if seconds.is_file() else {}
+    record = folder / "seconds.json"  # written when the run's first step finishes
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
     spans = {step: step_seconds(folder, step, seconds) for step, seconds in recorded.items()
              if (folder / step / "DONE").is_file()}
     measurement = [span for step, span in spans.items() if step.startswith("dit_")]
